@@ -1,0 +1,354 @@
+"""Headless command line: ``generate``, ``batch``, ``download`` and ``models``.
+
+``generate`` takes every request field as a flag (``--cfg-scale 7``), built from the same pydantic
+model the UI and API use, so a new field is a new flag with no extra code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.settings import StudioSettings
+from pipelines.errors import StudioError
+from pipelines.requests import Txt2ImgRequest, format_validation_error
+
+REQUEST_MODELS = {"txt2img": Txt2ImgRequest}
+_SKIPPED_FLAGS = {"mode", "override_settings_restore_afterwards", "send_images", "save_images"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _scalar_type(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _scalar_type(args[0]) if len(args) == 1 else str
+    return annotation
+
+
+def add_request_arguments(parser: argparse.ArgumentParser, model: type[Txt2ImgRequest]) -> None:
+    """One flag per request field; defaults are left to the model (None = not given)."""
+    group = parser.add_argument_group("request fields (A1111 API names)")
+    for name, info in model.model_fields.items():
+        if name in _SKIPPED_FLAGS:
+            continue
+        kind = _scalar_type(info.annotation)
+        help_text = info.description or ""
+        if kind is bool:
+            group.add_argument(
+                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        elif kind in (int, float, str):
+            group.add_argument(_flag(name), dest=name, type=kind, default=None, help=help_text)
+        elif typing.get_origin(kind) is list or kind is list:
+            group.add_argument(_flag(name), dest=name, nargs="*", default=None, help=help_text)
+        else:
+            group.add_argument(
+                _flag(name), dest=name, type=json.loads, default=None, help=f"{help_text} (JSON)"
+            )
+
+
+def request_from_args(args: argparse.Namespace, model: type[Txt2ImgRequest]) -> Txt2ImgRequest:
+    values = {
+        name: getattr(args, name) for name in model.model_fields if getattr(args, name, None) is not None
+    }
+    if getattr(args, "model", None):
+        values.setdefault("override_settings", {})
+        values["override_settings"] = {**values["override_settings"], "sd_model_checkpoint": args.model}
+    return model(**values)
+
+
+# ----------------------------------------------------------------------------------------------
+# progress display
+# ----------------------------------------------------------------------------------------------
+class _ProgressBars:
+    """A tqdm bar for the steps of the current job (and the caller's overall bar)."""
+
+    def __init__(self, label: str, position: int = 1) -> None:
+        self.label = label
+        self.position = position
+        self._bar: Any = None
+        self._batch = -1
+
+    def __call__(self, event: Any) -> None:
+        from tqdm import tqdm
+
+        if event.stage == "loading" and event.message:
+            tqdm.write(event.message)
+            return
+        if event.stage != "sampling":
+            return
+        if self._bar is None or event.batch_index != self._batch:
+            self.close()
+            self._batch = event.batch_index
+            desc = f"{self.label} batch {event.batch_index + 1}/{event.batch_count}"
+            self._bar = tqdm(total=event.steps, desc=desc, unit="step", position=self.position, leave=False)
+        self._bar.n = event.step
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------
+def _services(settings: StudioSettings, out: Path | None) -> Any:
+    from app.services import StudioServices
+
+    return StudioServices.create(settings, outputs_dir=out)
+
+
+def _explain_missing_models(services: Any) -> bool:
+    if services.registry.checkpoints():
+        return False
+    from pipelines.registry import no_checkpoints_message
+
+    print(no_checkpoints_message(services.registry.paths.folder("checkpoint")), file=sys.stderr)
+    return True
+
+
+def run_generate(args: argparse.Namespace, settings: StudioSettings) -> int:
+    try:
+        request = request_from_args(args, Txt2ImgRequest)
+    except ValidationError as exc:
+        print(f"error: invalid request:\n{format_validation_error(exc)}", file=sys.stderr)
+        return 2
+    services = _services(settings, args.out)
+    if _explain_missing_models(services):
+        return 3
+    bars = _ProgressBars("generate", position=0)
+    try:
+        result = services.executor.execute(request, on_progress=bars)
+    except StudioError as exc:
+        bars.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    bars.close()
+    for note in result.notes:
+        print(f"note: {note}")
+    for image in result.images:
+        print(image.path)
+    return 0
+
+
+@dataclass
+class BatchSummary:
+    done: int = 0
+    failed: int = 0
+    resumed: int = 0
+    failures: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+
+
+def _batch_state_file(jobs_file: Path, out_root: Path) -> Path:
+    key = hashlib.sha256(str(jobs_file.resolve()).encode()).hexdigest()[:12]
+    return out_root / ".batch-state" / f"{jobs_file.stem}-{key}.jsonl"
+
+
+def _line_key(number: int, line: str) -> str:
+    return hashlib.sha256(f"{number}\n{line.strip()}".encode()).hexdigest()
+
+
+def _completed_keys(state_file: Path) -> set[str]:
+    keys = set()
+    if state_file.is_file():
+        for raw in state_file.read_text(encoding="utf-8").splitlines():
+            try:
+                keys.add(json.loads(raw)["key"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line from a killed run: that job simply runs again
+    return keys
+
+
+def run_batch(args: argparse.Namespace, settings: StudioSettings) -> int:
+    """Run a JSONL file of requests; finished lines are recorded so a rerun resumes."""
+    from tqdm import tqdm
+
+    jobs_file = Path(args.jobs)
+    if not jobs_file.is_file():
+        print(f"error: batch file not found: {jobs_file}", file=sys.stderr)
+        return 2
+    lines = jobs_file.read_text(encoding="utf-8").splitlines()
+    services = _services(settings, args.out)
+    out_root = services.engine.config.outputs_root
+    state_file = _batch_state_file(jobs_file, out_root)
+    completed = _completed_keys(state_file)
+    jobs = [
+        (n, line)
+        for n, line in enumerate(lines, start=1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    summary = BatchSummary()
+    if _explain_missing_models(services):
+        return 3
+    overall = tqdm(total=len(jobs), desc="batch", unit="job", position=0)
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    for number, line in jobs:
+        key = _line_key(number, line)
+        if key in completed:
+            summary.resumed += 1
+            tqdm.write(f"line {number}: already done in an earlier run, skipped")
+            overall.update(1)
+            continue
+        try:
+            payload = json.loads(line)
+            if not isinstance(payload, dict):
+                raise ValueError("each line must be a JSON object")
+            model = REQUEST_MODELS.get(str(payload.get("mode", "txt2img")))
+            if model is None:
+                raise ValueError(
+                    f"mode: unknown mode '{payload.get('mode')}'; choose one of {', '.join(REQUEST_MODELS)}"
+                )
+            request = model(**payload)
+        except json.JSONDecodeError as exc:
+            summary.failed += 1
+            summary.failures.append(f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})")
+            tqdm.write(summary.failures[-1])
+            overall.update(1)
+            continue
+        except ValidationError as exc:
+            summary.failed += 1
+            summary.failures.append(f"line {number}: " + format_validation_error(exc).replace("\n", "; "))
+            tqdm.write(summary.failures[-1])
+            overall.update(1)
+            continue
+        except ValueError as exc:
+            summary.failed += 1
+            summary.failures.append(f"line {number}: {exc}")
+            tqdm.write(summary.failures[-1])
+            overall.update(1)
+            continue
+        bars = _ProgressBars(f"line {number}", position=1)
+        try:
+            result = services.executor.execute(request, on_progress=bars)
+        except StudioError as exc:
+            bars.close()
+            summary.failed += 1
+            summary.failures.append(f"line {number}: {exc}")
+            tqdm.write(summary.failures[-1])
+            overall.update(1)
+            continue
+        bars.close()
+        paths = [str(image.path) for image in result.images]
+        summary.images.extend(paths)
+        summary.done += 1
+        with state_file.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"key": key, "line": number, "images": paths}) + "\n")
+            handle.flush()
+        overall.update(1)
+    overall.close()
+    print(
+        f"batch finished: {len(jobs)} jobs, {summary.done} done, {summary.failed} failed, "
+        f"{summary.resumed} already done earlier; {len(summary.images)} images written under {out_root}"
+    )
+    for failure in summary.failures:
+        print(f"  failed: {failure}")
+    return 1 if summary.failed else 0
+
+
+def run_models(args: argparse.Namespace, settings: StudioSettings) -> int:
+    services = _services(settings, None)
+    entries = services.registry.checkpoints()
+    if not entries:
+        _explain_missing_models(services)
+        return 0
+    for entry in entries:
+        if args.hash:
+            services.registry.short_hash(entry, compute=True)
+        info = services.registry.describe(entry)
+        size = (
+            f"{entry.size_bytes / 2**30:.2f} GiB"
+            if entry.size_bytes >= 2**30
+            else f"{entry.size_bytes / 2**20:.1f} MiB"
+        )
+        print(f"{info['title']:<60} {info['family']:<28} {size}")
+    return 0
+
+
+def run_download(args: argparse.Namespace, settings: StudioSettings) -> int:
+    from pipelines.download import DownloadError, download_model
+
+    try:
+        paths = download_model(
+            args.source,
+            settings.models_dir,
+            kind=args.kind,
+            filename=args.file,
+            revision=args.revision,
+            allow_pickle=args.allow_pickle,
+            token=args.token,
+            variant=args.variant,
+            on_message=print,
+        )
+    except DownloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+def build_parser(
+    parent: argparse.ArgumentParser | None = None, common: Sequence[argparse.ArgumentParser] = ()
+) -> argparse.ArgumentParser:
+    """Sub-commands; ``common`` parsers add flags valid after any command (``generate --medvram``)."""
+    parser = parent or argparse.ArgumentParser(prog="launch.py")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    shared = list(common)
+
+    generate = commands.add_parser("generate", parents=shared, help="generate images headless and exit")
+    generate.add_argument("--model", help="checkpoint name (with or without extension or [hash])")
+    generate.add_argument("--out", type=Path, help="output folder (default: outputs/)")
+    add_request_arguments(generate, Txt2ImgRequest)
+
+    batch = commands.add_parser("batch", parents=shared, help="run a JSONL file of requests (resumable)")
+    batch.add_argument("jobs", help="JSONL file: one request object per line")
+    batch.add_argument("--out", type=Path, help="output folder (default: outputs/)")
+
+    models = commands.add_parser("models", parents=shared, help="list checkpoints with family, size and hash")
+    models.add_argument(
+        "--hash", action="store_true", help="compute missing sha256 hashes (reads every file)"
+    )
+
+    download = commands.add_parser(
+        "download", parents=shared, help="download a model from the Hugging Face hub or a URL"
+    )
+    download.add_argument("source", help="owner/repo, owner/repo/file.safetensors, or an https URL")
+    download.add_argument("--file", help="file inside the repo")
+    download.add_argument(
+        "--kind", default="Stable-diffusion", help="models/ sub-folder (default Stable-diffusion)"
+    )
+    download.add_argument("--revision", help="branch, tag or commit")
+    download.add_argument("--allow-pickle", action="store_true", help="also allow .ckpt/.pt/.pth/.bin files")
+    download.add_argument("--token", help="Hugging Face token (default: $HF_TOKEN)")
+    download.add_argument("--variant", help="diffusers weight variant, e.g. fp16")
+    return parser
+
+
+COMMANDS = {"generate": run_generate, "batch": run_batch, "models": run_models, "download": run_download}
+
+
+def main(argv: Sequence[str] | None = None, settings: StudioSettings | None = None) -> int:
+    from app.settings import load_settings
+
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return 2
+    return COMMANDS[args.command](args, settings or load_settings())

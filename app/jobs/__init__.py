@@ -1,0 +1,1 @@
+"""The job path: request -> queue -> executor -> engine."""

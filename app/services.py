@@ -1,0 +1,49 @@
+"""Builds the studio's long-lived objects from settings and hands them to UI, API and CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.jobs.executor import LocalExecutor
+from app.settings import StudioSettings
+from pipelines.engine import EngineConfig, ImageEngine
+from pipelines.hashing import HashCache
+from pipelines.model_manager import ModelManager
+from pipelines.registry import ModelPaths, ModelRegistry
+
+
+@dataclass
+class StudioServices:
+    settings: StudioSettings
+    registry: ModelRegistry
+    models: ModelManager
+    engine: ImageEngine
+    executor: LocalExecutor
+
+    @classmethod
+    def create(cls, settings: StudioSettings, *, outputs_dir: Path | None = None) -> StudioServices:
+        paths = ModelPaths(
+            models_root=settings.models_dir,
+            checkpoints=settings.ckpt_dir,
+            vae=settings.vae_dir,
+            lora=settings.lora_dir,
+            controlnet=settings.controlnet_dir,
+            upscalers=settings.esrgan_dir,
+            embeddings=settings.embeddings_dir,
+        )
+        registry = ModelRegistry(paths, HashCache(settings.data_dir / "cache" / "hashes.json"))
+        models = ModelManager(
+            registry, max_loaded=settings.checkpoints_in_ram, default_checkpoint=settings.default_checkpoint
+        )
+        engine = ImageEngine(
+            models,
+            EngineConfig(
+                outputs_root=outputs_dir or settings.outputs_dir,
+                memory_preset=settings.memory_preset,
+                memory_overrides=settings.memory_overrides(),
+            ),
+        )
+        return cls(
+            settings=settings, registry=registry, models=models, engine=engine, executor=LocalExecutor(engine)
+        )

@@ -1,0 +1,103 @@
+"""Studio settings: one object, read from defaults, ``data/config.json``, ``SDSTUDIO_*`` env vars
+and command-line flags (in rising priority), then passed to whatever needs it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+MemoryPresetName = Literal["auto", "high", "medvram", "lowvram", "cpu"]
+
+
+class StudioSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SDSTUDIO_", extra="ignore", validate_assignment=True)
+
+    data_dir: Path = Field(REPO_ROOT / "data", description="Job store, caches and config.json.")
+    outputs_dir: Path = Field(REPO_ROOT / "outputs", description="Where every finished image is written.")
+    models_dir: Path = Field(REPO_ROOT / "models", description="A1111-style model folders.")
+    ckpt_dir: Path | None = None
+    vae_dir: Path | None = None
+    lora_dir: Path | None = None
+    controlnet_dir: Path | None = None
+    esrgan_dir: Path | None = None
+    embeddings_dir: Path | None = None
+
+    default_checkpoint: str | None = Field(None, description="Checkpoint loaded when a job names none.")
+    checkpoints_in_ram: int = Field(
+        2, ge=1, le=16, description="Loaded checkpoints kept for instant switching."
+    )
+    preload_model: bool = Field(
+        False, description="Load the default model at startup instead of on first use."
+    )
+
+    memory_preset: MemoryPresetName = "auto"
+    no_half: bool = False
+    no_half_vae: bool = False
+    attention: Literal["auto", "sdpa", "xformers", "slicing", "default"] = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    tf32: bool = True
+
+    listen: bool = False
+    port: int = Field(7860, ge=1, le=65535)
+    share: bool = False
+    auth: str | None = Field(None, description="user:pass[,user2:pass2] for the UI.")
+    auth_file: Path | None = None
+    api: bool = False
+    nowebui: bool = False
+
+    @property
+    def config_file(self) -> Path:
+        return self.data_dir / "config.json"
+
+    @property
+    def host(self) -> str:
+        return "0.0.0.0" if self.listen else "127.0.0.1"
+
+    def memory_overrides(self) -> dict[str, Any]:
+        """The flag-level tweaks applied on top of the chosen memory preset."""
+        overrides: dict[str, Any] = {}
+        if self.no_half:
+            overrides["dtype"] = "fp32"
+        if self.no_half_vae:
+            overrides["no_half_vae"] = True
+        if self.attention != "auto":
+            overrides["attention"] = self.attention
+        if self.channels_last:
+            overrides["channels_last"] = True
+        if self.compile:
+            overrides["compile"] = True
+        if not self.tf32:
+            overrides["tf32"] = False
+        return overrides
+
+    def save(self) -> None:
+        """Persist the settings a user changed in the Settings tab (atomic write)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        temp = self.config_file.with_suffix(".json.tmp")
+        temp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        os.replace(temp, self.config_file)
+
+
+def load_settings(overrides: dict[str, Any] | None = None, *, data_dir: Path | None = None) -> StudioSettings:
+    """Defaults < ``config.json`` < environment < ``overrides`` (command-line flags)."""
+    base = StudioSettings()
+    folder = data_dir or (overrides or {}).get("data_dir") or base.data_dir
+    file_values: dict[str, Any] = {}
+    config_file = Path(folder) / "config.json"
+    if config_file.is_file():
+        try:
+            file_values = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            file_values = {}
+    env_values = {k: v for k, v in base.model_dump().items() if k in base.model_fields_set}
+    merged = {**file_values, **env_values, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    return StudioSettings(**merged)

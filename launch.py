@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Start SD Studio: the web UI by default, or a headless command (generate, batch, models, download).
+
+On first run outside a prepared environment it creates ``.venv`` and installs requirements.txt
+(as A1111's launcher does), saying so, then restarts itself inside it. Only the standard library
+is imported before that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+REQUIRED_MODULES = ("torch", "diffusers", "transformers", "gradio", "pydantic_settings", "safetensors")
+
+
+def _venv_python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def ensure_environment() -> None:
+    """Create/refresh ``.venv`` when the running Python lacks the studio's dependencies."""
+    if os.environ.get("SDSTUDIO_SKIP_VENV") == "1" or "--skip-venv" in sys.argv:
+        return
+    missing = [name for name in REQUIRED_MODULES if importlib.util.find_spec(name) is None]
+    requirements = ROOT / "requirements.txt"
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    marker = VENV / ".sdstudio-requirements"
+    in_venv = Path(sys.prefix).resolve() == VENV.resolve()
+    if not missing and (not in_venv or (marker.is_file() and marker.read_text().strip() == digest)):
+        return
+    python = _venv_python()
+    if not python.exists():
+        print(f"SD Studio: first run: creating a Python virtual environment in {VENV} ...", flush=True)
+        venv.create(VENV, with_pip=True)
+    if not marker.is_file() or marker.read_text().strip() != digest:
+        print(
+            "SD Studio: installing requirements.txt into .venv (PyTorch, diffusers, gradio; several GB on "
+            "first run, this can take a while) ...",
+            flush=True,
+        )
+        subprocess.check_call([str(python), "-m", "pip", "install", "--upgrade", "pip"])
+        subprocess.check_call([str(python), "-m", "pip", "install", "-r", str(requirements)])
+        marker.write_text(digest)
+    if in_venv:
+        return
+    print("SD Studio: restarting inside .venv ...", flush=True)
+    os.execv(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+def studio_flags() -> argparse.ArgumentParser:
+    """A1111-style flags; valid before or after a sub-command. SUPPRESS keeps absent flags unset."""
+    flags = argparse.ArgumentParser(add_help=False)
+    s = argparse.SUPPRESS
+    g = flags.add_argument_group("studio")
+    g.add_argument(
+        "--listen", action="store_true", default=s, help="serve on 0.0.0.0 (LAN) instead of 127.0.0.1"
+    )
+    g.add_argument("--port", type=int, default=s, help="HTTP port (default 7860)")
+    g.add_argument("--share", action="store_true", default=s, help="gradio share link (off by default)")
+    g.add_argument("--api", action="store_true", default=s, help="also serve the REST API")
+    g.add_argument("--nowebui", action="store_true", default=s, help="serve the API only")
+    g.add_argument("--auth", default=s, help="user:pass[,user2:pass2] required for the UI")
+    g.add_argument("--auth-file", type=Path, default=s, help="file of user:pass lines")
+    g.add_argument("--cli", action="store_true", default=s, help="never start the web UI (headless)")
+    g.add_argument("--skip-venv", action="store_true", default=s, help="use the current Python as is")
+    g.add_argument("--data-dir", type=Path, default=s, help="job store, caches, config.json (default data/)")
+    g.add_argument("--outputs-dir", type=Path, default=s, help="output folder (default outputs/)")
+    g.add_argument("--models-dir", type=Path, default=s, help="model folders root (default models/)")
+    g.add_argument(
+        "--ckpt-dir", type=Path, default=s, help="checkpoint folder (default models/Stable-diffusion)"
+    )
+    g.add_argument("--vae-dir", type=Path, default=s)
+    g.add_argument("--lora-dir", type=Path, default=s)
+    g.add_argument("--controlnet-dir", type=Path, default=s)
+    g.add_argument("--esrgan-models-path", type=Path, default=s)
+    g.add_argument("--embeddings-dir", type=Path, default=s)
+    g.add_argument("--ckpt", default=s, help="default checkpoint name")
+    g.add_argument(
+        "--preload-model", action="store_true", default=s, help="load the default model at startup"
+    )
+    m = flags.add_argument_group("memory and speed")
+    m.add_argument("--medvram", action="store_true", default=s, help="model CPU offload (6-8 GB GPUs)")
+    m.add_argument("--lowvram", action="store_true", default=s, help="sequential CPU offload (2-4 GB GPUs)")
+    m.add_argument("--memory-preset", choices=["auto", "high", "medvram", "lowvram", "cpu"], default=s)
+    m.add_argument("--no-half", action="store_true", default=s, help="run in float32")
+    m.add_argument("--no-half-vae", action="store_true", default=s, help="keep the VAE in float32")
+    m.add_argument(
+        "--xformers", action="store_true", default=s, help="xFormers attention (pip install xformers)"
+    )
+    m.add_argument("--opt-sdp-attention", action="store_true", default=s, help="PyTorch SDPA attention")
+    m.add_argument("--opt-channelslast", action="store_true", default=s, help="channels-last memory format")
+    m.add_argument("--compile", action="store_true", default=s, help="torch.compile the UNet")
+    m.add_argument("--no-tf32", action="store_true", default=s, help="disable TF32 matmuls")
+    return flags
+
+
+def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
+    given = vars(args)
+    mapping = {
+        "listen": "listen",
+        "port": "port",
+        "share": "share",
+        "api": "api",
+        "nowebui": "nowebui",
+        "auth": "auth",
+        "auth_file": "auth_file",
+        "data_dir": "data_dir",
+        "outputs_dir": "outputs_dir",
+        "models_dir": "models_dir",
+        "ckpt_dir": "ckpt_dir",
+        "vae_dir": "vae_dir",
+        "lora_dir": "lora_dir",
+        "controlnet_dir": "controlnet_dir",
+        "esrgan_models_path": "esrgan_dir",
+        "embeddings_dir": "embeddings_dir",
+        "ckpt": "default_checkpoint",
+        "preload_model": "preload_model",
+        "memory_preset": "memory_preset",
+        "no_half": "no_half",
+        "no_half_vae": "no_half_vae",
+        "opt_channelslast": "channels_last",
+        "compile": "compile",
+    }
+    overrides: dict[str, object] = {mapping[k]: v for k, v in given.items() if k in mapping}
+    if given.get("medvram"):
+        overrides["memory_preset"] = "medvram"
+    if given.get("lowvram"):
+        overrides["memory_preset"] = "lowvram"
+    if given.get("xformers"):
+        overrides["attention"] = "xformers"
+    elif given.get("opt_sdp_attention"):
+        overrides["attention"] = "sdpa"
+    if given.get("no_tf32"):
+        overrides["tf32"] = False
+    return overrides
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    from app.cli import build_parser
+
+    flags = studio_flags()
+    parser = argparse.ArgumentParser(
+        prog="launch.py", parents=[flags], description="SD Studio: web UI (default) or a headless command."
+    )
+    build_parser(parser, common=[studio_flags()])
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a in ("-h", "--help") for a in argv):
+        ensure_environment()
+    sys.path.insert(0, str(ROOT))
+    args = parse_args(argv)
+    from app.settings import load_settings
+
+    settings = load_settings(settings_overrides(args))
+    if args.command:
+        from app.cli import COMMANDS
+
+        return COMMANDS[args.command](args, settings)
+    if getattr(args, "cli", False):
+        print("--cli: no web UI. Commands: generate, batch, models, download (see --help).")
+        return 0
+    from app.server import serve
+
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

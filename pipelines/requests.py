@@ -1,0 +1,171 @@
+"""Typed job requests shared by the UI, the REST API, the CLI and the cluster.
+
+Field names and defaults follow AUTOMATIC1111's ``/sdapi/v1/txt2img`` so that clients written
+for A1111 work unchanged. Bounds live on the fields (UI sliders read them from here).
+Unknown fields are ignored, as A1111's API does, so newer clients keep working.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_SEED = 2**32 - 1
+RANDOM_SEED = -1
+
+
+def random_seed() -> int:
+    """A fresh seed in A1111's range, for ``seed=-1``."""
+    return secrets.randbelow(MAX_SEED)
+
+
+class GenerationRequest(BaseModel):
+    """Fields common to every image-generation mode."""
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+
+    prompt: str = Field("", description="What to draw. A1111 emphasis syntax: (word:1.2), [word], BREAK.")
+    negative_prompt: str = Field("", description="What to avoid.")
+    styles: list[str] = Field(default_factory=list, description="Saved prompt styles to apply.")
+    seed: int = Field(RANDOM_SEED, ge=RANDOM_SEED, le=MAX_SEED, description="-1 picks a random seed.")
+    subseed: int = Field(RANDOM_SEED, ge=RANDOM_SEED, le=MAX_SEED, description="Variation seed; -1 = random.")
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0, description="How far toward the variation seed.")
+    seed_resize_from_h: int = Field(-1, ge=-1, le=8192)
+    seed_resize_from_w: int = Field(-1, ge=-1, le=8192)
+    sampler_name: str | None = Field(None, description="Sampler, A1111 name (e.g. 'Euler a', 'DPM++ 2M').")
+    sampler_index: str = Field("Euler", description="Legacy A1111 field, used when sampler_name is empty.")
+    scheduler: str = Field("Automatic", description="Schedule type: Automatic, Uniform, Karras, ...")
+    batch_size: int = Field(1, ge=1, le=64, description="Images made together in one pass.")
+    n_iter: int = Field(1, ge=1, le=1000, description="Batch count: passes run one after another.")
+    steps: int = Field(50, ge=1, le=150, description="Sampling steps.")
+    cfg_scale: float = Field(7.0, ge=0.0, le=30.0, description="Classifier-free guidance scale.")
+    width: int = Field(512, ge=64, le=8192, description="Image width in pixels (multiple of 8).")
+    height: int = Field(512, ge=64, le=8192, description="Image height in pixels (multiple of 8).")
+    clip_skip: int = Field(1, ge=1, le=12, description="Stop CLIP this many layers from the end (1 = last).")
+    eta: float | None = Field(
+        None, ge=0.0, le=1.0, description="Noise multiplier for ancestral/DDIM samplers."
+    )
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    override_settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Per-job settings, A1111 style, e.g. {'sd_model_checkpoint': 'name'}.",
+    )
+    override_settings_restore_afterwards: bool = True
+    send_images: bool = True
+    save_images: bool = True
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_eight(cls, value: int) -> int:
+        if value % 8:
+            lower, upper = value - value % 8, value - value % 8 + 8
+            raise ValueError(f"must be a multiple of 8 (try {lower} or {upper})")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_legacy_sampler_names(cls, data: Any) -> Any:
+        """Accept A1111's pre-1.9 names such as ``"DPM++ 2M Karras"`` (sampler + schedule type)."""
+        if not isinstance(data, dict):
+            return data
+        from pipelines.samplers import UnknownSamplerError, split_legacy_sampler_name
+
+        data = dict(data)
+        for key in ("sampler_name", "sampler_index"):
+            value = data.get(key)
+            if not isinstance(value, str) or not value.strip():
+                if key == "sampler_name" and value == "":
+                    data[key] = None
+                continue
+            try:
+                sampler, schedule = split_legacy_sampler_name(value)
+            except UnknownSamplerError:
+                continue  # reported by the field validator, naming the field
+            data[key] = sampler
+            if schedule and data.get("scheduler") in (None, "", "Automatic"):
+                data["scheduler"] = schedule
+        return data
+
+    @field_validator("sampler_name", "sampler_index")
+    @classmethod
+    def _known_sampler(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from pipelines.samplers import resolve_sampler_name
+
+        return resolve_sampler_name(value)
+
+    @model_validator(mode="after")
+    def _known_schedule_type(self) -> GenerationRequest:
+        from pipelines.samplers import resolve_schedule_type, schedule_types_for
+
+        allowed = schedule_types_for(self.effective_sampler)
+        try:
+            schedule = resolve_schedule_type(self.scheduler)
+        except ValueError:
+            schedule = self.scheduler
+        if schedule not in allowed:
+            raise ValueError(
+                f"scheduler: '{self.scheduler}' is not available for sampler '{self.effective_sampler}'; "
+                f"choose one of {', '.join(allowed)}"
+            )
+        if schedule != self.scheduler:
+            object.__setattr__(self, "scheduler", schedule)
+        clip_override = self.override_settings.get("CLIP_stop_at_last_layers")
+        if clip_override is not None and self.clip_skip == 1:
+            object.__setattr__(self, "clip_skip", int(clip_override))
+        return self
+
+    @property
+    def effective_sampler(self) -> str:
+        """A1111 reads ``sampler_name`` first and falls back to the legacy ``sampler_index``."""
+        return self.sampler_name or self.sampler_index or "Euler"
+
+    @property
+    def checkpoint(self) -> str | None:
+        """The checkpoint this job asks for (A1111's ``override_settings.sd_model_checkpoint``)."""
+        name = self.override_settings.get("sd_model_checkpoint")
+        return str(name) if name else None
+
+    @property
+    def vae(self) -> str | None:
+        name = self.override_settings.get("sd_vae")
+        return str(name) if name else None
+
+    @property
+    def image_count(self) -> int:
+        return self.batch_size * self.n_iter
+
+
+class Txt2ImgRequest(GenerationRequest):
+    """A1111 ``/sdapi/v1/txt2img``."""
+
+    mode: Literal["txt2img"] = "txt2img"
+    enable_hr: bool = Field(False, description="Hires fix: upscale and run a second pass.")
+    hr_scale: float = Field(2.0, ge=1.0, le=8.0)
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = Field(0, ge=0, le=150)
+    hr_resize_x: int = Field(0, ge=0, le=8192)
+    hr_resize_y: int = Field(0, ge=0, le=8192)
+    denoising_strength: float | None = Field(None, ge=0.0, le=1.0)
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One readable line per problem, each naming the field: ``width: must be a multiple of 8``."""
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item.get("loc", ()))
+        message = str(item.get("msg", "invalid value"))
+        message = message.removeprefix("Value error, ")
+        if not location or message.startswith(f"{location}: "):
+            lines.append(message)  # model-level checks already name their field
+        else:
+            lines.append(f"{location}: {message}")
+    return "\n".join(lines)

@@ -1,0 +1,7 @@
+"""SD Studio's talking-head engine: a portrait plus a speech recording becomes a video of that face speaking.
+
+An independent implementation of the SadTalker method (audio -> 3DMM expression/pose coefficients ->
+keypoint-driven face renderer) that loads the official SadTalker checkpoints. It is a plain library:
+nothing here imports gradio, fastapi or ``app``, and importing this package does not import torch
+(model files under ``sadtalker.networks`` import it when they are themselves imported).
+"""

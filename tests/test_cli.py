@@ -1,0 +1,127 @@
+"""The headless CLI, run from a shell as a user would (subprocesses of launch.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipelines.infotext import parse_infotext
+from pipelines.outputs import read_png_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def launch(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SDSTUDIO_SKIP_VENV": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def common(tiny_models_root: Path, tmp_path: Path) -> list[str]:
+    return ["--models-dir", str(tiny_models_root), "--data-dir", str(tmp_path / "data")]
+
+
+def pngs(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.png"))
+
+
+def test_generate_writes_pngs_with_parameters(tiny_models_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = launch(
+        "generate",
+        *common(tiny_models_root, tmp_path),
+        "--out",
+        str(out),
+        "--model",
+        "tiny-sd1",
+        "--prompt",
+        "a lighthouse at dusk",
+        "--negative-prompt",
+        "fog",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "11",
+        "--batch-size",
+        "2",
+        "--sampler-name",
+        "DPM++ 2M",
+        "--scheduler",
+        "Karras",
+    )
+    assert result.returncode == 0, result.stderr
+    files = pngs(out)
+    assert [f.name.split("-", 1)[1] for f in files] == ["11.png", "12.png"]
+    assert [str(f) for f in files] == result.stdout.strip().splitlines()[-2:]
+    info = parse_infotext(read_png_parameters(files[0]))
+    assert info.prompt == "a lighthouse at dusk"
+    assert info.params["Sampler"] == "DPM++ 2M"
+    assert info.params["Steps"] == "2"
+
+
+def test_generate_rejects_bad_fields_with_their_names(tiny_models_root: Path, tmp_path: Path) -> None:
+    result = launch("generate", *common(tiny_models_root, tmp_path), "--prompt", "x", "--width", "100")
+    assert result.returncode == 2
+    assert "width: must be a multiple of 8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_empty_model_folder_shows_download_command(tmp_path: Path) -> None:
+    empty = tmp_path / "models"
+    empty.mkdir()
+    result = launch(
+        "generate", "--models-dir", str(empty), "--data-dir", str(tmp_path / "d"), "--prompt", "x"
+    )
+    assert result.returncode == 3
+    assert "python launch.py download stable-diffusion-v1-5/stable-diffusion-v1-5" in result.stderr
+
+
+def test_models_lists_families(tiny_models_root: Path, tmp_path: Path) -> None:
+    result = launch("models", *common(tiny_models_root, tmp_path), "--hash")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert "SDXL" in lines["tiny-sdxl.safetensors"]
+    assert "SD1.x inpainting" in lines["tiny-sd1-inpaint.safetensors"]
+    assert "[" in lines["tiny-sd1.safetensors"]  # A1111 title with [hash]
+
+
+def test_batch_reports_bad_lines_runs_the_rest_and_resumes(tiny_models_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    jobs = tmp_path / "jobs.jsonl"
+    good = {"prompt": "a red apple", "steps": 2, "width": 64, "height": 64, "seed": 3}
+    jobs.write_text(
+        "\n".join(
+            [
+                json.dumps(good),
+                "{this is not json",
+                json.dumps({**good, "width": 100}),
+                json.dumps({**good, "seed": 4, "override_settings": {"sd_model_checkpoint": "tiny-sdxl"}}),
+            ]
+        )
+        + "\n"
+    )
+    first = launch("batch", str(jobs), *common(tiny_models_root, tmp_path), "--out", str(out))
+    assert first.returncode == 1
+    assert "line 2: not valid JSON" in first.stdout + first.stderr
+    assert "line 3: width: must be a multiple of 8" in first.stdout + first.stderr
+    assert "4 jobs, 2 done, 2 failed" in first.stdout
+    made = pngs(out)
+    assert len(made) == 2
+
+    second = launch("batch", str(jobs), *common(tiny_models_root, tmp_path), "--out", str(out))
+    assert "0 done, 2 failed, 2 already done earlier" in second.stdout
+    assert pngs(out) == made  # nothing redone
