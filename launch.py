@@ -87,6 +87,9 @@ def studio_flags() -> argparse.ArgumentParser:
     g.add_argument(
         "--preload-model", action="store_true", default=s, help="load the default model at startup"
     )
+    g.add_argument(
+        "--checkpoints-in-ram", type=int, default=s, help="loaded checkpoints kept in RAM (default 2)"
+    )
     m = flags.add_argument_group("memory and speed")
     m.add_argument("--medvram", action="store_true", default=s, help="model CPU offload (6-8 GB GPUs)")
     m.add_argument("--lowvram", action="store_true", default=s, help="sequential CPU offload (2-4 GB GPUs)")
@@ -124,6 +127,7 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
         "embeddings_dir": "embeddings_dir",
         "ckpt": "default_checkpoint",
         "preload_model": "preload_model",
+        "checkpoints_in_ram": "checkpoints_in_ram",
         "memory_preset": "memory_preset",
         "no_half": "no_half",
         "no_half_vae": "no_half_vae",

@@ -32,6 +32,7 @@ def _checkpoint_choices(services: StudioServices) -> list[str]:
 def build(services: StudioServices) -> None:
     import gradio as gr
 
+    from app.ui import download_panel
     from pipelines.registry import no_checkpoints_message
     from pipelines.samplers import SAMPLER_NAMES, SCHEDULE_TYPES
 
@@ -103,6 +104,7 @@ def build(services: StudioServices) -> None:
         return images, result.images[0].infotext if result.images else ""
 
     refresh.click(refresh_models, outputs=model)
+    download_panel.build(services, after_download=refresh_models, refreshed=model)
     generate.click(
         run,
         inputs={

@@ -1,0 +1,98 @@
+"""The UI process as a user starts it: ``python launch.py``, then generate through its HTTP API."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_up(url: str, process: subprocess.Popen, limit: float = 120.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "server exited early"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            # wait 0.2 s between attempts, noticing at once if the server dies
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=0.2)
+    raise AssertionError(f"{url} did not answer within {limit}s")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    work = tmp_path_factory.mktemp("server")
+    port = free_port()
+    log = (work / "server.log").open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "launch.py",
+            "--port",
+            str(port),
+            "--models-dir",
+            str(tiny_models_root),
+            "--data-dir",
+            str(work / "data"),
+            "--outputs-dir",
+            str(work / "outputs"),
+            "--ckpt",
+            "tiny-sd1",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "SDSTUDIO_SKIP_VENV": "1", "HF_HUB_OFFLINE": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_up(url, process)
+        yield url, work
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def test_ui_answers_without_loading_a_model(server: tuple[str, Path]) -> None:
+    url, work = server
+    with urllib.request.urlopen(url, timeout=10) as response:
+        page = response.read().decode("utf-8", "replace")
+    assert "SD Studio" in page
+    assert "loaded tiny-sd1" not in (work / "server.log").read_text()
+
+
+def test_generate_through_the_ui_and_errors_are_messages(server: tuple[str, Path]) -> None:
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, work = server
+    client = Client(url, verbose=False)
+    # order: model, prompt, negative, sampler, schedule, steps, width, height, cfg, seed, count, size
+    args = ["tiny-sd1.safetensors", "a lighthouse", "", "Euler a", "Automatic", 2, 64, 64, 7.0, 5, 1, 2]
+    with pytest.raises(AppError, match="width: must be a multiple of 8"):
+        client.predict(*args[:6], 100, *args[7:], api_name="/run")
+    gallery, infotext = client.predict(*args, api_name="/run")
+    assert len(gallery) == 2
+    assert infotext.startswith("a lighthouse\nSteps: 2, Sampler: Euler a")
+    saved = sorted((work / "outputs").rglob("*.png"))
+    assert [p.name.split("-")[1] for p in saved] == ["5.png", "6.png"]
