@@ -56,6 +56,24 @@ def ensure_environment() -> None:
     os.execv(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
 
 
+def ensure_xformers() -> None:
+    """``--xformers`` installs xFormers on first use, as A1111 does; failure is not fatal
+    (the engine falls back to PyTorch SDPA and says so)."""
+    if "--xformers" not in sys.argv or importlib.util.find_spec("xformers") is not None:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        keep_torch = [f"torch=={version('torch')}"]  # never let pip swap the user's torch build
+    except PackageNotFoundError:
+        keep_torch = []
+    print("SD Studio: --xformers: installing requirements-xformers.txt ...", flush=True)
+    requirements = str(ROOT / "requirements-xformers.txt")
+    result = subprocess.call([sys.executable, "-m", "pip", "install", "-r", requirements, *keep_torch])
+    if result != 0:
+        print("SD Studio: xFormers could not be installed; PyTorch SDPA attention will be used.", flush=True)
+
+
 def studio_flags() -> argparse.ArgumentParser:
     """A1111-style flags; valid before or after a sub-command. SUPPRESS keeps absent flags unset."""
     flags = argparse.ArgumentParser(add_help=False)
@@ -95,6 +113,7 @@ def studio_flags() -> argparse.ArgumentParser:
     m.add_argument("--lowvram", action="store_true", default=s, help="sequential CPU offload (2-4 GB GPUs)")
     m.add_argument("--memory-preset", choices=["auto", "high", "medvram", "lowvram", "cpu"], default=s)
     m.add_argument("--no-half", action="store_true", default=s, help="run in float32")
+    m.add_argument("--precision", choices=["auto", "fp16", "bf16", "fp32"], default=s, help="compute dtype")
     m.add_argument("--no-half-vae", action="store_true", default=s, help="keep the VAE in float32")
     m.add_argument(
         "--xformers", action="store_true", default=s, help="xFormers attention (pip install xformers)"
@@ -130,6 +149,7 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
         "checkpoints_in_ram": "checkpoints_in_ram",
         "memory_preset": "memory_preset",
         "no_half": "no_half",
+        "precision": "precision",
         "no_half_vae": "no_half_vae",
         "opt_channelslast": "channels_last",
         "compile": "compile",
@@ -163,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a in ("-h", "--help") for a in argv):
         ensure_environment()
+        ensure_xformers()
     sys.path.insert(0, str(ROOT))
     args = parse_args(argv)
     from app.settings import load_settings

@@ -39,6 +39,7 @@ class StudioSettings(BaseSettings):
 
     memory_preset: MemoryPresetName = "auto"
     no_half: bool = False
+    precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     no_half_vae: bool = False
     attention: Literal["auto", "sdpa", "xformers", "slicing", "default"] = "auto"
     channels_last: bool = False
@@ -64,6 +65,8 @@ class StudioSettings(BaseSettings):
     def memory_overrides(self) -> dict[str, Any]:
         """The flag-level tweaks applied on top of the chosen memory preset."""
         overrides: dict[str, Any] = {}
+        if self.precision != "auto":
+            overrides["dtype"] = self.precision
         if self.no_half:
             overrides["dtype"] = "fp32"
         if self.no_half_vae:

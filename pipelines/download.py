@@ -10,22 +10,26 @@ user asks (``python launch.py download ...`` or the UI's download button). Sourc
 * ``https://huggingface.co/owner/name/resolve|blob/<rev>/<file>``: the same, via the hub client.
 * any other http(s) URL (e.g. Civitai): a plain streaming download that resumes ``<name>.part``.
 
-Hub downloads honour ``HF_ENDPOINT`` (mirrors), ``HF_TOKEN`` and the HF cache, read when the download
-starts rather than when ``huggingface_hub`` was imported. Pickled formats (``.ckpt``/``.pt``/``.pth``/
-``.bin``) are refused unless ``allow_pickle=True``: unpickling can execute code.
+Hub downloads honour ``HF_ENDPOINT`` (mirrors) and ``HF_TOKEN``, read when the download starts rather
+than when ``huggingface_hub`` was imported. huggingface_hub lists the repo and gives each file's size, etag
+and commit; the bytes themselves are streamed by this module, the same way as plain URLs, into
+``<name>.part`` (with ``<name>.part.json`` recording which version of the file it holds), so running an
+interrupted download again asks only for the missing bytes (HTTP Range). huggingface_hub 2.x cannot do
+that across runs: it deletes its temporary file when a download fails. Hub files are checked against the
+announced size and, for LFS files, the SHA-256 before they are renamed into place. Pickled formats
+(``.ckpt``/``.pt``/``.pth``/``.bin``) are refused unless ``allow_pickle=True``: unpickling can execute code.
 """
 
 from __future__ import annotations
 
 import email.message
-import glob
+import hashlib
+import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -73,6 +77,8 @@ _WEIGHT_TOKENS = {
 _SHARD_PATTERN = re.compile(r"-\d{5}-of-\d{5}")
 _REPO_PART = re.compile(r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?")
 _CHUNK_BYTES = 1 << 20
+# Hub LFS (and Xet) files have the file's SHA-256 as their etag; git-stored files a 40-hex git blob id.
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _CONNECT_TIMEOUT_S = 15.0
 _READ_TIMEOUT_S = 60.0
 
@@ -95,6 +101,17 @@ class _HubSource:
 @dataclass(frozen=True)
 class _UrlSource:
     url: str
+
+
+@dataclass(frozen=True)
+class _Expected:
+    """What a finished download must look like, where the source says so (the hub does; URLs don't)."""
+
+    size: int | None = None
+    sha256: str | None = None
+
+
+_NOTHING_EXPECTED = _Expected()
 
 
 @dataclass(frozen=True)
@@ -311,21 +328,9 @@ def _hub_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
 
 
-def _hub_cache_dir() -> Path:
-    """The HF cache, from the environment now (huggingface_hub froze its own copy at import time)."""
-    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    home = os.environ.get("HF_HOME")
-    if not home:
-        cache = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
-        home = os.path.join(cache, "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
 @contextmanager
 def _hub_online() -> Iterator[None]:
-    """Let huggingface_hub reach the configured endpoint, and only it, for an explicit download.
+    """Let huggingface_hub reach the configured endpoint, and only it, for an explicit download's metadata.
 
     ``HF_HUB_OFFLINE`` is read once when huggingface_hub is imported and then blocks every request. SD
     Studio's loaders work from local files, so a process may well run with it set; a download the user
@@ -349,20 +354,6 @@ def _hub_online() -> Iterator[None]:
         constants.HF_HUB_DISABLE_TELEMETRY = telemetry_was_disabled
 
 
-def _tqdm_class(progress: bool) -> type[Any] | None:
-    """None keeps huggingface_hub's own progress bars; otherwise a tqdm that never draws."""
-    if progress:
-        return None
-    from tqdm.auto import tqdm
-
-    class _SilentTqdm(tqdm):  # type: ignore[misc, type-arg]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-    return _SilentTqdm
-
-
 def _download_from_hub(
     hub: _HubSource,
     target_dir: Path,
@@ -382,24 +373,34 @@ def _download_from_hub(
             return [destination]
     try:
         import httpx2
+        import requests  # noqa: F401  (checked here: the file bytes are streamed with it)
         from huggingface_hub import HfApi
     except ImportError as exc:
         raise DownloadError(
-            f"{source}: downloading from Hugging Face needs the huggingface_hub package; "
-            "install it with `pip install -r requirements.txt`."
+            f"{source}: downloading from Hugging Face needs the huggingface_hub and requests packages; "
+            "install them with `pip install -r requirements.txt`."
         ) from exc
 
     endpoint = _hub_endpoint()
     try:
-        with _hub_online():
-            info = HfApi(endpoint=endpoint, token=token).model_info(hub.repo_id, revision=hub.revision)
+        with _hub_session(endpoint) as session:
+            with _hub_online():
+                info = HfApi(endpoint=endpoint, token=token).model_info(hub.repo_id, revision=hub.revision)
             repo_files = [sibling.rfilename for sibling in info.siblings or []]
             # Pin every request to the commit just listed, so the files come from one consistent version.
             commit = info.sha or hub.revision
             plan = _plan_repo_download(
                 hub, repo_files, source=source, allow_pickle=allow_pickle, variant=variant
             )
-            settings = _HubSettings(hub.repo_id, commit, endpoint, token, _tqdm_class(progress))
+            settings = _HubSettings(
+                repo_id=hub.repo_id,
+                commit=commit,
+                endpoint=endpoint,
+                token=token,
+                session=session,
+                source=source,
+                progress=progress,
+            )
             if plan.folder:
                 folder = target_dir / hub.repo_id.split("/")[1]
                 return _download_hub_folder(settings, plan.files, folder, say)
@@ -410,13 +411,70 @@ def _download_from_hub(
         raise _explain_hub_error(exc, hub, source=source, endpoint=endpoint) from exc
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _hub_session(endpoint: str) -> requests.Session:
+    """A ``requests`` session that keeps the token on redirects between hub hosts, drops it elsewhere.
+
+    ``requests`` drops the Authorization header whenever a redirect changes host. That is right for the
+    CDN that serves LFS files (a signed URL; such storage even refuses a second credential) but wrong when
+    ``HF_ENDPOINT`` is e.g. ``https://hf.co``, which redirects to huggingface.co: private and gated files
+    would then fail. huggingface_hub trusts the same hosts for its own requests.
+    """
+    import requests
+
+    hub_origins = {_origin(url) for url in (endpoint, DEFAULT_HF_ENDPOINT, "https://hf.co")}
+
+    class HubSession(requests.Session):
+        def should_strip_auth(self, old_url: str, new_url: str) -> bool:
+            if _origin(new_url) in hub_origins:
+                return False
+            return bool(super().should_strip_auth(old_url, new_url))
+
+    return HubSession()
+
+
 @dataclass(frozen=True)
 class _HubSettings:
+    """One hub download: the repo pinned to a commit, where and as whom to ask, and how to report."""
+
     repo_id: str
-    revision: str | None
+    commit: str | None
     endpoint: str
     token: str | None
-    tqdm_class: type[Any] | None
+    session: requests.Session
+    source: str
+    progress: bool
+
+
+@dataclass(frozen=True)
+class _HubFile:
+    """One file of the repo at the pinned commit, as the hub describes it (``get_hf_file_metadata``)."""
+
+    path: str
+    url: str
+    commit: str | None
+    etag: str | None
+    size: int | None
+
+    @property
+    def sha256(self) -> str | None:
+        etag = (self.etag or "").lower()
+        return etag if _SHA256_HEX.fullmatch(etag) else None
+
+    def state(self, repo_id: str) -> dict[str, object]:
+        """What ``<name>.part.json`` records, so a later run can tell whether the part is this file."""
+        return {
+            "repo_id": repo_id,
+            "path": self.path,
+            "commit": self.commit,
+            "etag": self.etag,
+            "size": self.size,
+        }
 
 
 def _plan_repo_download(
@@ -551,66 +609,137 @@ def _select_folder_files(
 def _download_hub_file(
     settings: _HubSettings, path_in_repo: str, target_dir: Path, say: MessageCallback
 ) -> Path:
-    from huggingface_hub import hf_hub_download
-
     destination = target_dir / PurePosixPath(path_in_repo).name
     if destination.exists():
         _skip_existing(destination, say)
         return destination
-    target_dir.mkdir(parents=True, exist_ok=True)
-    # Stage in a private hidden folder next to the destination (same volume: the final move is a rename),
-    # so the models folder never shows a half-written file or huggingface_hub's bookkeeping.
-    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target_dir))
-    try:
-        downloaded = hf_hub_download(
-            settings.repo_id,
-            path_in_repo,
-            revision=settings.revision,
-            local_dir=staging,
-            cache_dir=_hub_cache_dir(),
-            endpoint=settings.endpoint,
-            token=settings.token,
-            tqdm_class=settings.tqdm_class,
-        )
-        if destination.exists():
-            _skip_existing(destination, say)
-        else:
-            os.replace(downloaded, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _fetch_hub_file(settings, path_in_repo, destination, label=destination.name)
     return destination
 
 
 def _download_hub_folder(
     settings: _HubSettings, files: tuple[str, ...], folder: Path, say: MessageCallback
 ) -> list[Path]:
-    from huggingface_hub import snapshot_download
-
+    for name in files:
+        if name.startswith("/") or any(part in ("", ".", "..") for part in name.split("/")):
+            raise DownloadError(
+                f"{settings.source}: the repo lists a file named {name!r}, which cannot be saved safely "
+                "inside the models folder; not downloading this repo."
+            )
     missing = [name for name in files if not (folder / name).exists()]
     present = len(files) - len(missing)
     if present:
         say(f"{folder}: {present} of {len(files)} files already exist; not downloading those again.")
-    if missing:
-        snapshot_download(
-            settings.repo_id,
-            revision=settings.revision,
-            local_dir=folder,
-            cache_dir=_hub_cache_dir(),
-            endpoint=settings.endpoint,
-            token=settings.token,
-            # Exact names, escaped: huggingface_hub matches these as glob patterns.
-            allow_patterns=[glob.escape(name) for name in missing],
-            tqdm_class=settings.tqdm_class,
-        )
-        # huggingface_hub's resume/refresh bookkeeping: we decide what to fetch ourselves, so drop it.
-        shutil.rmtree(folder / ".cache" / "huggingface", ignore_errors=True)
-        _remove_if_empty(folder / ".cache")
+    # The model list recognises a diffusers folder by model_index.json: fetch it last, so an interrupted
+    # download does not show up as a model until every file is there.
+    for name in sorted(missing, key=lambda name: (name in ("model_index.json", "config.json"), name)):
+        _fetch_hub_file(settings, name, folder / name, label=name)
     return [folder / name for name in files]
 
 
-def _remove_if_empty(path: Path) -> None:
-    with suppress(OSError):
-        path.rmdir()
+def _fetch_hub_file(settings: _HubSettings, path_in_repo: str, destination: Path, *, label: str) -> None:
+    """Download one repo file into ``destination``, resuming a ``.part`` left by an earlier run.
+
+    huggingface_hub supplies what the hub knows about the file (size, etag, commit) and the auth headers;
+    the bytes come from its ``resolve`` URL pinned to the commit. The hub redirects LFS files to a CDN;
+    the session (``_hub_session``) sends the token there only if that host is a hub host.
+    """
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    url = hf_hub_url(settings.repo_id, path_in_repo, revision=settings.commit, endpoint=settings.endpoint)
+    with _hub_online():  # only around huggingface_hub's own requests, not the (long) byte transfer
+        metadata = get_hf_file_metadata(url, token=settings.token, endpoint=settings.endpoint)
+        headers = build_hf_headers(token=settings.token)
+    headers["Accept-Encoding"] = "identity"  # sizes and Range offsets count the stored bytes
+    remote = _HubFile(
+        path=path_in_repo,
+        url=url,
+        commit=metadata.commit_hash or settings.commit,
+        etag=metadata.etag,
+        size=metadata.size,
+    )
+    expected = _Expected(size=remote.size, sha256=remote.sha256)
+    offset = _hub_resume_offset(destination, remote, settings.repo_id, settings.source)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    # Written before the first byte, so a .part without its .part.json is never ours to resume.
+    _write_part_state(destination, remote.state(settings.repo_id), settings.source)
+    if remote.size is not None and offset == remote.size:  # the last run got every byte: just check them
+        _finish(_part_path(destination), destination, settings.source, expected)
+        return
+    response = _open_url(settings.session, url, headers, offset, settings.source)
+    try:
+        _receive(
+            response,
+            destination,
+            offset,
+            source=settings.source,
+            progress=settings.progress,
+            expected=expected,
+            label=label,
+        )
+    finally:
+        response.close()
+
+
+def _hub_resume_offset(destination: Path, remote: _HubFile, repo_id: str, source: str) -> int:
+    """Bytes of ``remote`` already in ``<destination>.part``; a part of another version is deleted."""
+    part = _part_path(destination)
+    if not part.is_file():
+        _part_state_path(destination).unlink(missing_ok=True)
+        return 0
+    offset = part.stat().st_size
+    saved = _read_part_state(destination)
+    reason = None
+    if saved is None:
+        reason = "nothing records which file it holds"
+    elif not _same_hub_file(saved, remote.state(repo_id)):
+        reason = "the file on the hub changed since it was started"
+    elif remote.size is not None and offset > remote.size:
+        reason = "it is longer than the file on the hub"
+    if reason is None:
+        if offset:
+            logger.info("%s: resuming %s at byte %d.", source, destination.name, offset)
+        return offset
+    logger.warning("%s: starting %s over: %s (%s).", source, destination.name, reason, part)
+    _discard_part(destination)
+    return 0
+
+
+def _same_hub_file(saved: dict[str, object], current: dict[str, object]) -> bool:
+    """Same etag and size: same bytes. Without etags (some mirrors), the same path at the same commit."""
+    if saved.get("size") != current.get("size"):
+        return False
+    if saved.get("etag") and current.get("etag"):
+        return saved["etag"] == current["etag"]
+    return all(saved.get(key) == current.get(key) for key in ("repo_id", "path", "commit"))
+
+
+def _part_state_path(destination: Path) -> Path:
+    return destination.with_name(destination.name + ".part.json")
+
+
+def _read_part_state(destination: Path) -> dict[str, object] | None:
+    try:
+        state = json.loads(_part_state_path(destination).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _write_part_state(destination: Path, state: dict[str, object], source: str) -> None:
+    try:
+        _part_state_path(destination).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise DownloadError(
+            f"{source}: could not write {_part_state_path(destination)} ({exc}); check that the models "
+            "folder is writable and has free space."
+        ) from exc
+
+
+def _discard_part(destination: Path) -> None:
+    _part_path(destination).unlink(missing_ok=True)
+    _part_state_path(destination).unlink(missing_ok=True)
 
 
 def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
@@ -666,8 +795,6 @@ def _explain_hub_error(exc: BaseException, hub: _HubSource, *, source: str, endp
         )
     elif status is not None and status >= 500:
         message = f"{endpoint} answered HTTP {status}: try again later, or use a mirror via HF_ENDPOINT."
-    elif "Consistency check failed" in str(exc):
-        message = f"the download of {what} was cut short: run the same download again."
     else:
         message = f"downloading {what} failed: {exc}"
     return DownloadError(f"{source}: {message}")
@@ -723,7 +850,7 @@ def _download_url(
             if destination.exists():
                 _skip_existing(destination, say)
                 return destination
-            offset = _part_size(destination)
+            offset = _url_resume_offset(destination, source)
             response = _open_url(session, url, headers, offset, source)
         else:
             # No name in the URL (e.g. Civitai's /api/download/models/<id>): the server names the file.
@@ -734,7 +861,7 @@ def _download_url(
                 response.close()
                 raise
             destination = target_dir / name
-            offset = _part_size(destination)
+            offset = _url_resume_offset(destination, source)
             refused = _is_pickled(name) and not allow_pickle
             if refused or destination.exists() or offset:
                 response.close()
@@ -754,8 +881,15 @@ def _part_path(destination: Path) -> Path:
     return destination.with_name(destination.name + ".part")
 
 
-def _part_size(destination: Path) -> int:
+def _url_resume_offset(destination: Path, source: str) -> int:
+    """Bytes already in ``<destination>.part``; a part that a hub download left (it has a ``.part.json``)
+    holds a file this URL may not serve, so it is started over rather than spliced."""
     part = _part_path(destination)
+    if _part_state_path(destination).exists():
+        if part.is_file():
+            logger.warning("%s: starting %s over: it was begun by a Hugging Face download.", source, part)
+        _discard_part(destination)
+        return 0
     return part.stat().st_size if part.is_file() else 0
 
 
@@ -812,25 +946,37 @@ def _content_range(response: requests.Response) -> tuple[int | None, int | None]
 
 
 def _receive(
-    response: requests.Response, destination: Path, offset: int, *, source: str, progress: bool
+    response: requests.Response,
+    destination: Path,
+    offset: int,
+    *,
+    source: str,
+    progress: bool,
+    expected: _Expected = _NOTHING_EXPECTED,
+    label: str | None = None,
 ) -> None:
-    """Stream ``response`` into ``<destination>.part`` (appending from ``offset``), then rename it."""
+    """Stream ``response`` into ``<destination>.part`` (appending from ``offset``), check it, rename it.
+
+    ``expected`` is what the source announced (the hub: size and SHA-256); it takes precedence over the
+    response's own length headers. A part that cannot be right any more is deleted; one that merely
+    stopped early is kept for the next run to resume.
+    """
     part = _part_path(destination)
     if response.status_code == 416:
         _, total = _content_range(response)
         if total != offset:
-            part.unlink(missing_ok=True)
+            _discard_part(destination)
             raise DownloadError(
                 f"{source}: the partial file {part.name} does not match the file on the server any more; "
                 "it was deleted. Run the download again to start over."
             )
-        _finish(part, destination, source)
+        _finish(part, destination, source, expected)
         return
     total: int | None
     if response.status_code == 206:
         first, total = _content_range(response)
         if first != offset:
-            part.unlink(missing_ok=True)
+            _discard_part(destination)
             raise DownloadError(
                 f"{source}: the server resumed at the wrong place; {part.name} was deleted. Run the download "
                 "again to start over."
@@ -841,28 +987,52 @@ def _receive(
         offset = 0
         length = response.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else None
+    if expected.size is not None:
+        total = expected.size
     if response.headers.get("Content-Type", "").lower().startswith("text/html"):
         raise DownloadError(
             f"{source}: the server sent a web page instead of the file. The link may need a login (pass a "
             "token, CLI: --token) or may not be a direct download link."
         )
     destination.parent.mkdir(parents=True, exist_ok=True)
-    received = _stream_to_part(response, part, offset, total, source=source, progress=progress)
-    if total is not None and received != total:
+    received, digest = _stream_to_part(
+        response,
+        part,
+        offset,
+        total,
+        source=source,
+        progress=progress,
+        hash_sha256=expected.sha256 is not None,
+        label=label or destination.name,
+    )
+    if total is not None and received < total:
         raise DownloadError(
             f"{source}: the download stopped after {received} of {total} bytes; run the same download again "
             "to resume it."
         )
-    _finish(part, destination, source)
+    _finish(part, destination, source, expected, digest)
 
 
 def _stream_to_part(
-    response: requests.Response, part: Path, offset: int, total: int | None, *, source: str, progress: bool
-) -> int:
+    response: requests.Response,
+    part: Path,
+    offset: int,
+    total: int | None,
+    *,
+    source: str,
+    progress: bool,
+    hash_sha256: bool = False,
+    label: str,
+) -> tuple[int, str | None]:
+    """Append the response body to ``part`` (rewrite it when ``offset`` is 0); return the part's size and,
+    with ``hash_sha256``, the SHA-256 of the whole part, computed while the bytes arrive."""
     import requests
     import urllib3.exceptions
     from tqdm.auto import tqdm
 
+    hasher = hashlib.sha256() if hash_sha256 else None
+    if hasher is not None and offset:
+        _hash_file_prefix(hasher, part, offset, source)
     received = offset
     bar = tqdm(
         total=total,
@@ -870,7 +1040,7 @@ def _stream_to_part(
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
-        desc=part.name.removesuffix(".part"),
+        desc=label,
         disable=not progress,
     )
     try:
@@ -893,18 +1063,71 @@ def _stream_to_part(
                 if not chunk:
                     break
                 handle.write(chunk)
+                if hasher is not None:
+                    hasher.update(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
     except OSError as exc:
         raise DownloadError(f"{source}: could not write {part} ({exc}); check free disk space.") from exc
     finally:
         bar.close()
-    return received
+    return received, (hasher.hexdigest() if hasher is not None else None)
 
 
-def _finish(part: Path, destination: Path, source: str) -> None:
+def _hash_file_prefix(hasher: Any, path: Path, length: int, source: str) -> None:
+    """Feed the first ``length`` bytes of ``path`` to ``hasher`` (the part an earlier run wrote)."""
+    try:
+        with path.open("rb") as handle:
+            remaining = length
+            while remaining:
+                chunk = handle.read(min(_CHUNK_BYTES * 8, remaining))
+                if not chunk:
+                    break
+                hasher.update(chunk)
+                remaining -= len(chunk)
+    except OSError as exc:
+        raise DownloadError(
+            f"{source}: could not read {path} ({exc}); delete it and run the download again."
+        ) from exc
+
+
+def _file_sha256(path: Path, source: str) -> str:
+    hasher = hashlib.sha256()
+    _hash_file_prefix(hasher, path, path.stat().st_size, source)
+    return hasher.hexdigest()
+
+
+def _finish(
+    part: Path,
+    destination: Path,
+    source: str,
+    expected: _Expected = _NOTHING_EXPECTED,
+    sha256: str | None = None,
+) -> None:
+    """Check the complete ``part`` against ``expected``, then rename it to ``destination``.
+
+    ``sha256`` is the part's digest when the caller computed it while streaming; otherwise it is computed
+    here if ``expected`` has one. A part that fails a check is deleted: resuming it cannot fix it.
+    """
+    size = part.stat().st_size
+    if expected.size is not None and size != expected.size:
+        _discard_part(destination)
+        raise DownloadError(
+            f"{source}: {destination.name} came out at {size} bytes, not the {expected.size} bytes the hub "
+            "announced; it was deleted. Run the same download again; if this repeats, the mirror "
+            "(HF_ENDPOINT) or a proxy is changing the file."
+        )
+    if expected.sha256 is not None:
+        actual = sha256 or _file_sha256(part, source)
+        if actual != expected.sha256:
+            _discard_part(destination)
+            raise DownloadError(
+                f"{source}: {destination.name} is damaged: its SHA-256 is {actual}, but the hub publishes "
+                f"{expected.sha256}. It was deleted; run the same download again. If this repeats, the "
+                "mirror (HF_ENDPOINT) or a proxy is changing the file."
+            )
     if destination.name.lower().endswith(".safetensors") and not _looks_like_safetensors(part):
-        part.unlink(missing_ok=True)
+        _discard_part(destination)
         raise DownloadError(
             f"{source}: what the server sent is not a .safetensors file (often an error or login page); "
             "it was deleted. Check the URL, or pass a token if the site needs a login."
@@ -914,3 +1137,4 @@ def _finish(part: Path, destination: Path, source: str) -> None:
             f"{source}: {destination} appeared while downloading; kept it, the download is in {part}."
         )
     os.replace(part, destination)
+    _part_state_path(destination).unlink(missing_ok=True)

@@ -1,10 +1,13 @@
 """pipelines.download against a fake Hugging Face hub served from 127.0.0.1 (never the network).
 
-The fake implements only what huggingface_hub 2.4.0 calls for ``hf_hub_download``/``snapshot_download``:
+The fake implements what huggingface_hub 2.4.0 calls (``model_info``, ``get_hf_file_metadata``; also the
+tree listing of ``list_repo_tree``/``snapshot_download``) and what the module's own streamer fetches:
 ``GET /api/models/{repo}[/revision/{rev}]`` (repo info with ``sha`` and ``siblings``),
-``GET /api/models/{repo}/tree/{rev}`` (recursive file listing, used by snapshot_download) and
-``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` (``X-Repo-Commit``, ``ETag``, ``Content-Length``, Range),
-plus plain file URLs for the streaming downloader.
+``GET /api/models/{repo}/tree/{rev}`` (recursive file listing) and
+``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` (``X-Repo-Commit``, ``ETag``, ``Content-Length``, Range).
+Like the real hub, it can answer a resolve with a redirect to a "CDN" (a second server on another port,
+``X-Linked-Etag``/``X-Linked-Size`` on the redirect) that refuses requests carrying a token. It also serves
+plain file URLs, and can hang up after a given number of bytes to imitate a dropped connection.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class ServedRequest:
     range_header: str | None
     authorization: str | None
     bytes_sent: int = 0
+    redirected: bool = False
 
 
 @dataclass
@@ -64,9 +68,34 @@ class FakeHub:
     dispositions: dict[str, str] = field(default_factory=dict)
     html_pages: set[str] = field(default_factory=set)
     cut_first_get: set[str] = field(default_factory=set)
+    # repo file path -> bytes to send before hanging up, on the next GET of that file's body (then forgotten)
+    cut_hub_file_after: dict[str, int] = field(default_factory=dict)
+    # repo file path -> ETag to announce instead of the real SHA-256 (a corrupted mirror or proxy)
+    etag_overrides: dict[str, str] = field(default_factory=dict)
+    # repo file paths whose resolve answers 302 to the CDN server, as the hub does for LFS files
+    served_by_cdn: set[str] = field(default_factory=set)
     log: list[ServedRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
+    cdn_url: str = ""
+
+    def gets_of(self, path_in_repo: str) -> list[ServedRequest]:
+        """Body requests for a repo file: hub resolve GETs answered with bytes, and CDN GETs."""
+        with self.lock:
+            return [
+                r
+                for r in self.log
+                if r.method == "GET"
+                and (
+                    f"/resolve/{COMMIT}/{path_in_repo}" in r.path
+                    or re.fullmatch(rf"/cdn/[^/]+/[^/]+/{re.escape(path_in_repo)}", r.path)
+                )
+                and not r.redirected
+            ]
+
+    def take_cut(self, path_in_repo: str) -> int | None:
+        with self.lock:
+            return self.cut_hub_file_after.pop(path_in_repo, None)
 
     def requests_for(self, path_suffix: str, method: str | None = None) -> list[ServedRequest]:
         with self.lock:
@@ -110,6 +139,8 @@ class FakeHubHandler(BaseHTTPRequestHandler):
             self._tree(match[1], unquote(match[2]))
         elif match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
             self._resolve(match[1], unquote(match[2]), unquote(match[3]), record, head=head)
+        elif match := re.fullmatch(r"/cdn/([^/]+/[^/]+)/(.+)", path):
+            self._cdn(match[1], unquote(match[2]), record, head=head)
         elif path in self.hub.files:
             self._plain(path, record, head=head)
         else:
@@ -159,8 +190,33 @@ class FakeHubHandler(BaseHTTPRequestHandler):
             self._error(404, "Entry not found", code="EntryNotFound", commit=True)
             return
         data = files[name]
-        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
-        self._body(data, record, headers, head=head)
+        etag = self.hub.etag_overrides.get(name, hashlib.sha256(data).hexdigest())
+        if name in self.hub.served_by_cdn:  # the hub's LFS answer: metadata here, bytes at a signed URL
+            with self.hub.lock:
+                record.redirected = True
+            self.send_response(302)
+            for key, value in {
+                "X-Repo-Commit": COMMIT,
+                "X-Linked-Etag": f'"{etag}"',
+                "X-Linked-Size": str(len(data)),
+                "Location": f"{self.hub.cdn_url}/cdn/{repo_id}/{name}",
+                "Content-Length": "0",
+            }.items():
+                self.send_header(key, value)
+            self.end_headers()
+            return
+        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"'}
+        cut_after = None if head else self.hub.take_cut(name)
+        self._body(data, record, headers, head=head, cut_after=cut_after)
+
+    def _cdn(self, repo_id: str, name: str, record: ServedRequest, *, head: bool) -> None:
+        if self.headers.get("Authorization") is not None:  # signed URLs refuse a second credential
+            self._error(400, "Only one auth mechanism allowed")
+            return
+        data = self.hub.repos[repo_id][name]
+        headers = {"ETag": f'"{hashlib.md5(data).hexdigest()}"'}  # storage etag: not the hub's
+        cut_after = None if head else self.hub.take_cut(name)
+        self._body(data, record, headers, head=head, cut_after=cut_after)
 
     def _plain(self, path: str, record: ServedRequest, *, head: bool) -> None:
         data = self.hub.files[path]
@@ -171,11 +227,17 @@ class FakeHubHandler(BaseHTTPRequestHandler):
             headers["Content-Type"] = "text/html; charset=utf-8"
         cut = not head and path in self.hub.cut_first_get
         self.hub.cut_first_get.discard(path)
-        self._body(data, record, headers, head=head, cut=cut)
+        self._body(data, record, headers, head=head, cut_after=len(data) // 2 if cut else None)
 
     # --- responses ---------------------------------------------------------------------------
     def _body(
-        self, data: bytes, record: ServedRequest, headers: dict[str, str], *, head: bool, cut: bool = False
+        self,
+        data: bytes,
+        record: ServedRequest,
+        headers: dict[str, str],
+        *,
+        head: bool,
+        cut_after: int | None = None,
     ) -> None:
         status, body = 200, data
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
@@ -194,12 +256,12 @@ class FakeHubHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if head:
             return
-        sent = body[: len(body) // 2] if cut else body
+        sent = body[:cut_after] if cut_after is not None else body
         self.wfile.write(sent)
         self.wfile.flush()
         with self.hub.lock:
             record.bytes_sent = len(sent)
-        if cut:  # promise the whole body, deliver half, hang up: a dropped connection
+        if cut_after is not None:  # promise the whole body, deliver part of it, hang up: a dropped connection
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
 
@@ -245,11 +307,14 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
 
     fake = FakeHub()
     handler = type("BoundFakeHubHandler", (FakeHubHandler,), {"hub": fake})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for _ in ("hub", "cdn")]
+    threads = []
+    for server in servers:
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        threads.append(thread)
+    fake.url, fake.cdn_url = (f"http://127.0.0.1:{server.server_address[1]}" for server in servers)
 
     monkeypatch.setenv("HF_ENDPOINT", fake.url)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
@@ -286,9 +351,14 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
         yield fake
     finally:
         huggingface_hub.close_session()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+        # shutdown() waits for the serve loop's next poll: stop both servers at once, not one after the other
+        stoppers = [threading.Thread(target=server.shutdown) for server in servers]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper, server, thread in zip(stoppers, servers, threads, strict=True):
+            stopper.join(timeout=5)
+            server.server_close()
+            thread.join(timeout=5)
     assert foreign_hosts == [], f"requests left 127.0.0.1 for {foreign_hosts}"
 
 
@@ -522,6 +592,213 @@ def test_plain_url_complete_part_file_is_finished(hub: FakeHub, tmp_path: Path) 
     assert [r.bytes_sent for r in hub.requests_for("/files/done.safetensors")] == [0]
 
 
+# --- resumable hub downloads ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def progress_bars(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, object]]:
+    """(initial, total) of every tqdm bar the downloader opens, drawn or not."""
+    import tqdm.auto
+
+    bars: list[tuple[object, object]] = []
+
+    class RecordingTqdm(tqdm.auto.tqdm):  # type: ignore[misc, type-arg]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            bars.append((kwargs.get("initial"), kwargs.get("total")))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingTqdm)
+    return bars
+
+
+def part_record(path: Path) -> dict[str, object]:
+    return json.loads(path.with_name(path.name + ".part.json").read_text(encoding="utf-8"))
+
+
+def test_hub_file_download_resumes_where_the_connection_dropped(
+    hub: FakeHub, tmp_path: Path, progress_bars: list[tuple[object, object]]
+) -> None:
+    data = tiny_safetensors(30, values=50_000)  # ~200 KB
+    hub.repos["tester/big"] = {"big.safetensors": data}
+    hub.cut_hub_file_after["big.safetensors"] = 70_000
+    target = tmp_path / "Stable-diffusion"
+    destination = target / "big.safetensors"
+
+    with pytest.raises(DownloadError, match=r"tester/big: .*70000 of \d+ bytes.*again to resume"):
+        download_model("tester/big", tmp_path, progress=False)
+    assert not destination.exists()
+    assert (target / "big.safetensors.part").stat().st_size == 70_000
+    record = part_record(destination)
+    assert (record["etag"], record["commit"], record["size"]) == (
+        hashlib.sha256(data).hexdigest(),
+        COMMIT,
+        len(data),
+    )
+
+    paths = download_model("tester/big", tmp_path, progress=True)
+
+    gets = hub.gets_of("big.safetensors")
+    assert [(r.range_header, r.bytes_sent) for r in gets] == [
+        (None, 70_000),
+        ("bytes=70000-", len(data) - 70_000),  # only the missing bytes were asked for and served
+    ]
+    assert all(f"/resolve/{COMMIT}/" in r.path for r in gets)  # pinned to the listed commit
+    assert paths == [destination]
+    assert destination.read_bytes() == data
+    assert visible_files(target) == {"big.safetensors"}  # no .part or .part.json left
+    assert progress_bars[-1] == (70_000, len(data))  # the bar starts at what was already there
+
+
+def test_hub_part_of_a_changed_file_is_started_over(hub: FakeHub, tmp_path: Path) -> None:
+    old, new = tiny_safetensors(31, values=50_000), tiny_safetensors(32, values=50_000)
+    hub.repos["tester/big"] = {"big.safetensors": old}
+    hub.cut_hub_file_after["big.safetensors"] = 70_000
+    with pytest.raises(DownloadError, match="again to resume"):
+        download_model("tester/big", tmp_path, progress=False)
+
+    hub.repos["tester/big"]["big.safetensors"] = new  # a new upload: another etag
+    paths = download_model("tester/big", tmp_path, progress=False)
+
+    assert [r.range_header for r in hub.gets_of("big.safetensors")] == [None, None]
+    assert paths[0].read_bytes() == new
+    assert visible_files(tmp_path / "Stable-diffusion") == {"big.safetensors"}
+
+
+def test_hub_part_without_its_record_is_started_over(hub: FakeHub, tmp_path: Path) -> None:
+    data = tiny_safetensors(33)
+    hub.repos["tester/tiny"] = {"tiny.safetensors": data}
+    part = tmp_path / "Lora" / "tiny.safetensors.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(data[:100])  # e.g. left by a plain URL download of another file with the same name
+
+    paths = download_model("tester/tiny", tmp_path, kind="Lora", progress=False)
+
+    assert [r.range_header for r in hub.gets_of("tiny.safetensors")] == [None]
+    assert paths[0].read_bytes() == data
+    assert visible_files(tmp_path / "Lora") == {"tiny.safetensors"}
+
+
+def write_part(destination: Path, content: bytes, record: dict[str, object]) -> None:
+    """What an earlier run leaves: ``<name>.part`` and its ``<name>.part.json``."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.with_name(destination.name + ".part").write_bytes(content)
+    destination.with_name(destination.name + ".part.json").write_text(json.dumps(record))
+
+
+def hub_record(repo_id: str, path: str, data: bytes) -> dict[str, object]:
+    etag = hashlib.sha256(data).hexdigest()
+    return {"repo_id": repo_id, "path": path, "commit": COMMIT, "etag": etag, "size": len(data)}
+
+
+def test_hub_part_that_is_already_complete_is_checked_and_finished(hub: FakeHub, tmp_path: Path) -> None:
+    data = tiny_safetensors(34)
+    hub.repos["tester/tiny"] = {"tiny.safetensors": data}
+    # Stopped after the last byte but before the rename.
+    write_part(
+        tmp_path / "Lora" / "tiny.safetensors", data, hub_record("tester/tiny", "tiny.safetensors", data)
+    )
+
+    paths = download_model("tester/tiny", tmp_path, kind="Lora", progress=False)
+
+    assert hub.gets_of("tiny.safetensors") == []  # only the metadata was asked for
+    assert paths[0].read_bytes() == data
+    assert visible_files(tmp_path / "Lora") == {"tiny.safetensors"}
+
+
+def test_hub_file_with_a_wrong_sha256_is_deleted(hub: FakeHub, tmp_path: Path) -> None:
+    hub.repos["tester/tiny"] = {"tiny.safetensors": tiny_safetensors(35)}
+    hub.etag_overrides["tiny.safetensors"] = hashlib.sha256(b"another file").hexdigest()
+
+    with pytest.raises(DownloadError, match=r"tester/tiny: tiny\.safetensors is damaged: its SHA-256.*again"):
+        download_model("tester/tiny", tmp_path, progress=False)
+
+    assert visible_files(tmp_path / "Stable-diffusion") == set()  # no final file, no part to resume
+
+
+def test_hub_part_longer_than_the_file_is_started_over(hub: FakeHub, tmp_path: Path) -> None:
+    data = tiny_safetensors(36)
+    hub.repos["tester/tiny"] = {"tiny.safetensors": data}
+    record = hub_record("tester/tiny", "tiny.safetensors", data)
+    write_part(tmp_path / "VAE" / "tiny.safetensors", data + b"extra", record)
+
+    paths = download_model("tester/tiny", tmp_path, kind="VAE", progress=False)
+
+    assert [r.range_header for r in hub.gets_of("tiny.safetensors")] == [None]
+    assert paths[0].read_bytes() == data
+
+
+def test_resumed_hub_file_is_checked_whole(hub: FakeHub, tmp_path: Path) -> None:
+    """The SHA-256 covers the bytes an earlier run wrote, not only the ones fetched now."""
+    data = tiny_safetensors(40, values=1_000)
+    hub.repos["tester/tiny"] = {"tiny.safetensors": data}
+    damaged = data[:1_000] + bytes(1_000)  # right length, wrong bytes at the end of the part
+    write_part(
+        tmp_path / "Stable-diffusion" / "tiny.safetensors",
+        damaged,
+        hub_record("tester/tiny", "tiny.safetensors", data),
+    )
+
+    with pytest.raises(DownloadError, match="SHA-256"):
+        download_model("tester/tiny", tmp_path, progress=False)
+
+    assert [r.range_header for r in hub.gets_of("tiny.safetensors")] == ["bytes=2000-"]
+    assert visible_files(tmp_path / "Stable-diffusion") == set()
+
+
+def test_diffusers_folder_files_resume_one_by_one(hub: FakeHub, tmp_path: Path) -> None:
+    repo = diffusers_repo()
+    repo["text_encoder/model.safetensors"] = tiny_safetensors(37, values=30_000)
+    repo["unet/diffusion_pytorch_model.safetensors"] = tiny_safetensors(38, values=30_000)
+    hub.repos["tester/tiny-sd"] = repo
+    folder = tmp_path / "Stable-diffusion" / "tiny-sd"
+
+    hub.cut_hub_file_after["text_encoder/model.safetensors"] = 50_000
+    with pytest.raises(DownloadError, match="again to resume"):
+        download_model("tester/tiny-sd", tmp_path, progress=False)
+    assert (folder / "text_encoder" / "model.safetensors.part").stat().st_size == 50_000
+    assert not (folder / "model_index.json").exists()  # not a loadable model until every file is there
+
+    hub.cut_hub_file_after["unet/diffusion_pytorch_model.safetensors"] = 60_000
+    with pytest.raises(DownloadError, match="again to resume"):
+        download_model("tester/tiny-sd", tmp_path, progress=False)
+    assert (folder / "text_encoder" / "model.safetensors").read_bytes() == repo[
+        "text_encoder/model.safetensors"
+    ]
+
+    paths = download_model("tester/tiny-sd", tmp_path, progress=False)
+
+    assert sorted(paths) == sorted(folder / name for name in DIFFUSERS_PLAIN_FILES)
+    assert visible_files(folder) == DIFFUSERS_PLAIN_FILES
+    for name in DIFFUSERS_PLAIN_FILES:
+        assert (folder / name).read_bytes() == repo[name]
+    ranges = {name: [r.range_header for r in hub.gets_of(name)] for name in DIFFUSERS_PLAIN_FILES}
+    assert ranges.pop("text_encoder/model.safetensors") == [None, "bytes=50000-"]
+    assert ranges.pop("unet/diffusion_pytorch_model.safetensors") == [None, "bytes=60000-"]
+    assert all(gets == [None] for gets in ranges.values()), ranges  # finished files were not fetched again
+
+
+def test_lfs_file_via_cdn_resumes_and_keeps_the_token_on_the_hub(hub: FakeHub, tmp_path: Path) -> None:
+    data = tiny_safetensors(39, values=50_000)
+    hub.repos["tester/private-big"] = {"big.safetensors": data}
+    hub.private_tokens["tester/private-big"] = "hf_test_token"
+    hub.served_by_cdn.add("big.safetensors")
+    hub.cut_hub_file_after["big.safetensors"] = 40_000
+
+    with pytest.raises(DownloadError, match="again to resume"):
+        download_model("tester/private-big", tmp_path, token="hf_test_token", progress=False)
+    paths = download_model("tester/private-big", tmp_path, token="hf_test_token", progress=False)
+
+    assert paths[0].read_bytes() == data
+    cdn_gets = hub.gets_of("big.safetensors")
+    assert all("/cdn/" in r.path and r.authorization is None for r in cdn_gets)
+    assert [r.range_header for r in cdn_gets] == [None, "bytes=40000-"]
+    hub_requests = hub.requests_for(f"/resolve/{COMMIT}/big.safetensors")
+    assert {(r.method, r.authorization) for r in hub_requests} == {
+        ("HEAD", "Bearer hf_test_token"),
+        ("GET", "Bearer hf_test_token"),
+    }
+
+
 def test_plain_url_name_comes_from_content_disposition(hub: FakeHub, tmp_path: Path) -> None:
     data = tiny_safetensors(7)
     hub.files["/api/download/models/4242"] = data
@@ -574,6 +851,7 @@ def test_private_repo_needs_a_token(hub: FakeHub, tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     paths = download_model("tester/private", tmp_path, progress=False)
     assert paths[0].read_bytes() == weights
+    assert [r.authorization for r in hub.gets_of("secret.safetensors")] == ["Bearer hf_test_token"]
 
 
 def test_unreachable_endpoint_mentions_hf_endpoint(
