@@ -21,9 +21,8 @@ from pydantic import ValidationError
 
 from app.settings import StudioSettings
 from pipelines.errors import StudioError
-from pipelines.requests import Txt2ImgRequest, format_validation_error
+from pipelines.requests import REQUEST_TYPES, format_validation_error, parse_request
 
-REQUEST_MODELS = {"txt2img": Txt2ImgRequest}
 _SKIPPED_FLAGS = {"mode", "override_settings_restore_afterwards", "send_images", "save_images"}
 
 
@@ -39,12 +38,16 @@ def _scalar_type(annotation: Any) -> Any:
     return annotation
 
 
-def add_request_arguments(parser: argparse.ArgumentParser, model: type[Txt2ImgRequest]) -> None:
-    """One flag per request field; defaults are left to the model (None = not given)."""
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of every request kind (A1111's txt2img, img2img and extras names);
+    defaults are left to the models (None = not given)."""
     group = parser.add_argument_group("request fields (A1111 API names)")
-    for name, info in model.model_fields.items():
-        if name in _SKIPPED_FLAGS:
+    seen: set[str] = set()
+    fields = [(name, info) for model in REQUEST_TYPES.values() for name, info in model.model_fields.items()]
+    for name, info in fields:
+        if name in _SKIPPED_FLAGS or name in seen:
             continue
+        seen.add(name)
         kind = _scalar_type(info.annotation)
         help_text = info.description or ""
         if kind is bool:
@@ -61,14 +64,23 @@ def add_request_arguments(parser: argparse.ArgumentParser, model: type[Txt2ImgRe
             )
 
 
-def request_from_args(args: argparse.Namespace, model: type[Txt2ImgRequest]) -> Txt2ImgRequest:
-    values = {
-        name: getattr(args, name) for name in model.model_fields if getattr(args, name, None) is not None
+def request_from_args(args: argparse.Namespace) -> Any:
+    """The request the flags describe: ``--mode``, else img2img when ``--init-images`` is given,
+    extras when only ``--image`` is, else txt2img. Flags of other modes are rejected by name."""
+    mode = args.mode or ("img2img" if args.init_images else "extras" if args.image else "txt2img")
+    model = REQUEST_TYPES[mode]
+    given = {
+        name: value
+        for name in {n for m in REQUEST_TYPES.values() for n in m.model_fields}
+        if (value := getattr(args, name, None)) is not None
     }
+    foreign = sorted(name for name in given if name not in model.model_fields)
+    if foreign:
+        flags = ", ".join(_flag(name) for name in foreign)
+        raise ValueError(f"{flags}: not a field of {mode} requests")
     if getattr(args, "model", None):
-        values.setdefault("override_settings", {})
-        values["override_settings"] = {**values["override_settings"], "sd_model_checkpoint": args.model}
-    return model(**values)
+        given["override_settings"] = {**given.get("override_settings", {}), "sd_model_checkpoint": args.model}
+    return parse_request({**given, "mode": mode})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,9 +137,12 @@ def _explain_missing_models(services: Any) -> bool:
 
 def run_generate(args: argparse.Namespace, settings: StudioSettings) -> int:
     try:
-        request = request_from_args(args, Txt2ImgRequest)
+        request = request_from_args(args)
     except ValidationError as exc:
         print(f"error: invalid request:\n{format_validation_error(exc)}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     services = _services(settings, args.out)
     if _explain_missing_models(services):
@@ -210,12 +225,7 @@ def run_batch(args: argparse.Namespace, settings: StudioSettings) -> int:
             payload = json.loads(line)
             if not isinstance(payload, dict):
                 raise ValueError("each line must be a JSON object")
-            model = REQUEST_MODELS.get(str(payload.get("mode", "txt2img")))
-            if model is None:
-                raise ValueError(
-                    f"mode: unknown mode '{payload.get('mode')}'; choose one of {', '.join(REQUEST_MODELS)}"
-                )
-            request = model(**payload)
+            request = parse_request(payload)
         except json.JSONDecodeError as exc:
             summary.failed += 1
             summary.failures.append(f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})")
@@ -315,7 +325,8 @@ def build_parser(
     generate = commands.add_parser("generate", parents=shared, help="generate images headless and exit")
     generate.add_argument("--model", help="checkpoint name (with or without extension or [hash])")
     generate.add_argument("--out", type=Path, help="output folder (default: outputs/)")
-    add_request_arguments(generate, Txt2ImgRequest)
+    generate.add_argument("--mode", choices=list(REQUEST_TYPES), help="default: inferred from the flags")
+    add_request_arguments(generate)
 
     batch = commands.add_parser("batch", parents=shared, help="run a JSONL file of requests (resumable)")
     batch.add_argument("jobs", help="JSONL file: one request object per line")

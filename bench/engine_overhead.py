@@ -127,6 +127,7 @@ def main() -> None:
         local_files_only=True,
         tokenizer=build_clip_tokenizer(),
         safety_checker=None,
+        feature_extractor=None,
         torch_dtype=torch.float32,
     )
     diffusers_load = time.perf_counter() - started

@@ -44,6 +44,13 @@ class LoadedCheckpoint:
     sha256: str | None = None
     load_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+    derived: dict[str, Any] = field(default_factory=dict)  # task pipelines sharing this one's weights
+
+    def __post_init__(self) -> None:
+        # Remember the checkpoint's own scheduler config before jobs swap schedulers in.
+        if not self.scheduler_config and self.pipe is not None and hasattr(self.pipe, "scheduler"):
+            self.scheduler_config = dict(self.pipe.scheduler.config)
 
     @property
     def short_hash(self) -> str | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import GenerationInterruptedError, OutOfMemoryError
 from pipelines.job_control import JobControl, ProgressCallback, ProgressEvent
-from pipelines.requests import RANDOM_SEED, GenerationRequest, Txt2ImgRequest, random_seed
+from pipelines.requests import (
+    RANDOM_SEED,
+    GenerationRequest,
+    Img2ImgRequest,
+    Txt2ImgRequest,
+    random_seed,
+)
+from pipelines.sampling import decode_latents, denoise, latent_shape, task_pipeline
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -28,6 +37,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENGINE_VERSION = "sd-studio 0.1.0"
+LATENT_UPSCALE_MODES = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
 
 
 @dataclass(frozen=True)
@@ -42,7 +59,7 @@ class SavedImage:
 @dataclass
 class GenerationResult:
     images: list[SavedImage]
-    request: GenerationRequest
+    request: Any
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
@@ -51,30 +68,36 @@ class GenerationResult:
         """A1111's ``info`` object (returned JSON-encoded by ``/sdapi/v1/txt2img``)."""
         req = self.request
         first = self.images[0] if self.images else None
-        return {
-            "prompt": req.prompt,
-            "all_prompts": [req.prompt] * len(self.images),
-            "negative_prompt": req.negative_prompt,
-            "all_negative_prompts": [req.negative_prompt] * len(self.images),
-            "seed": first.seed if first else req.seed,
+        info: dict[str, Any] = {
             "all_seeds": [img.seed for img in self.images],
-            "subseed": first.subseed if first else req.subseed,
             "all_subseeds": [img.subseed for img in self.images],
-            "subseed_strength": req.subseed_strength,
-            "width": req.width,
-            "height": req.height,
-            "sampler_name": req.effective_sampler,
-            "scheduler": req.scheduler,
-            "cfg_scale": req.cfg_scale,
-            "steps": req.steps,
-            "batch_size": req.batch_size,
-            "clip_skip": req.clip_skip,
             "infotexts": [img.infotext for img in self.images],
             "images": [str(img.path) for img in self.images],
             "interrupted": self.interrupted,
             "notes": self.notes,
             "version": ENGINE_VERSION,
+            "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
         }
+        if isinstance(req, GenerationRequest):
+            info.update(
+                prompt=req.prompt,
+                all_prompts=[req.prompt] * len(self.images),
+                negative_prompt=req.negative_prompt,
+                all_negative_prompts=[req.negative_prompt] * len(self.images),
+                seed=first.seed if first else req.seed,
+                subseed=first.subseed if first else req.subseed,
+                subseed_strength=req.subseed_strength,
+                width=req.width,
+                height=req.height,
+                sampler_name=req.effective_sampler,
+                scheduler=req.scheduler,
+                cfg_scale=req.cfg_scale,
+                steps=req.steps,
+                batch_size=req.batch_size,
+                clip_skip=req.clip_skip,
+                denoising_strength=getattr(req, "denoising_strength", None),
+            )
+        return info
 
 
 @dataclass
@@ -85,6 +108,22 @@ class EngineConfig:
     memory_preset: str = "auto"
     memory_overrides: dict[str, Any] = field(default_factory=dict)
     oom_retry: bool = True
+    models_root: Path | None = None
+    lora_dir: Path | None = None
+    embeddings_dir: Path | None = None
+    vae_dir: Path | None = None
+
+
+@dataclass
+class _Job:
+    """Per-job state shared by the mode implementations."""
+
+    request: Any
+    loaded: LoadedCheckpoint
+    control: JobControl
+    on_progress: ProgressCallback | None
+    notes: list[str]
+    extra_infotext: dict[str, object] = field(default_factory=dict)
 
 
 class ImageEngine:
@@ -108,38 +147,41 @@ class ImageEngine:
             options = type(options).model_validate({**options.model_dump(), **self.config.memory_overrides})
         return name, options
 
-    def _prepare(self, loaded: LoadedCheckpoint, preset: str | None, notes: list[str]) -> tuple[str, Any]:
+    def _prepare_pipe(self, pipe: Any, family: str, preset: str | None, notes: list[str]) -> None:
         from pipelines.memory import apply_memory_options, resolve_device
 
-        name, options = self.memory_options(preset, loaded.family.base)
-        key = id(loaded.pipe)
+        name, options = self.memory_options(preset, family)
+        key = id(pipe)
         if self._applied.get(key) != name:
-            device = resolve_device(options)
-            lines = apply_memory_options(loaded.pipe, options, device)
-            for line in lines:
-                log.info("%s: %s", loaded.entry.filename, line)
-            notes.append(f"memory preset: {name}")
+            for line in apply_memory_options(pipe, options, resolve_device(options)):
+                log.info("%s", line)
+            if not any(n.startswith("memory preset") for n in notes):
+                notes.append(f"memory preset: {name}")
             self._applied[key] = name
-        return name, loaded.pipe
 
     # public ---------------------------------------------------------------------------------
     def run(
         self,
-        request: GenerationRequest,
+        request: Any,
         *,
         control: JobControl | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> GenerationResult:
         if isinstance(request, Txt2ImgRequest):
-            return self.txt2img(request, control=control, on_progress=on_progress)
+            return self._generate(request, self._txt2img, control, on_progress)
+        if isinstance(request, Img2ImgRequest):
+            return self._generate(request, self._img2img, control, on_progress)
         raise TypeError(f"no engine mode for request type {type(request).__name__}")
 
-    def txt2img(
-        self,
-        request: Txt2ImgRequest,
-        *,
-        control: JobControl | None = None,
-        on_progress: ProgressCallback | None = None,
+    def txt2img(self, request: Txt2ImgRequest, **kwargs: Any) -> GenerationResult:
+        return self._generate(request, self._txt2img, kwargs.get("control"), kwargs.get("on_progress"))
+
+    def img2img(self, request: Img2ImgRequest, **kwargs: Any) -> GenerationResult:
+        return self._generate(request, self._img2img, kwargs.get("control"), kwargs.get("on_progress"))
+
+    # the common frame of every image job ------------------------------------------------------
+    def _generate(
+        self, request: Any, mode: Any, control: JobControl | None, on_progress: ProgressCallback | None
     ) -> GenerationResult:
         from pipelines.memory import free_accelerator_memory, is_out_of_memory, lower_memory_preset
 
@@ -147,38 +189,39 @@ class ImageEngine:
         started = time.perf_counter()
         seed = request.seed if request.seed != RANDOM_SEED else random_seed()
         subseed = request.subseed if request.subseed != RANDOM_SEED else random_seed()
-        resolved = request.model_copy(update={"seed": seed, "subseed": subseed})
+        request = request.model_copy(update={"seed": seed, "subseed": subseed})
         notes: list[str] = []
 
         def status(message: str) -> None:
             if on_progress:
                 on_progress(ProgressEvent(stage="loading", message=message))
 
-        with self.models.use(resolved.checkpoint, status=status) as loaded:
+        with self.models.use(request.checkpoint, status=status) as loaded:
+            job = _Job(request=request, loaded=loaded, control=control, on_progress=on_progress, notes=notes)
             preset: str | None = None
             while True:
                 try:
-                    preset, _ = self._prepare(loaded, preset, notes)
-                    images = self._sample_all(loaded, resolved, control, on_progress, notes)
+                    images = mode(job, preset)
                     break
                 except Exception as exc:
                     if not is_out_of_memory(exc):
                         raise
                     free_accelerator_memory()
-                    lower = lower_memory_preset(preset or "high") if self.config.oom_retry else None
+                    current = preset or self.memory_options(None, loaded.family.base)[0]
+                    lower = lower_memory_preset(current) if self.config.oom_retry else None
                     if lower is None or any(n.startswith("out of memory") for n in notes):
                         raise OutOfMemoryError(
                             "The GPU ran out of memory even with the lowest-memory settings. Try a smaller "
                             "size or batch, or start with --lowvram."
                         ) from exc
-                    notes.append(f"out of memory with preset '{preset}'; retrying once with '{lower}'")
+                    notes.append(f"out of memory with preset '{current}'; retrying once with '{lower}'")
                     log.warning(notes[-1])
                     preset = lower
         if on_progress:
-            on_progress(ProgressEvent(stage="done", batch_count=resolved.n_iter, batch_index=resolved.n_iter))
+            on_progress(ProgressEvent(stage="done", batch_count=request.n_iter, batch_index=request.n_iter))
         result = GenerationResult(
             images=images,
-            request=resolved,
+            request=request,
             notes=notes,
             interrupted=control.interrupted,
             seconds=time.perf_counter() - started,
@@ -187,207 +230,333 @@ class ImageEngine:
             raise GenerationInterruptedError("Interrupted before any image was finished.")
         return result
 
-    # internals ------------------------------------------------------------------------------
-    def _sample_all(
-        self,
-        loaded: LoadedCheckpoint,
-        request: Txt2ImgRequest,
-        control: JobControl,
-        on_progress: ProgressCallback | None,
-        notes: list[str],
-    ) -> list[SavedImage]:
+    @contextmanager
+    def _prompt_conditioning(self, job: _Job, pipe: Any) -> Iterator[Any]:
+        """Encode the prompts (A1111 emphasis, long prompts) for this job's batch size."""
         import torch
 
-        from pipelines.noise import initial_noise
-        from pipelines.outputs import dated_output_dir, save_image_atomically
         from pipelines.prompt_encoding import encode_prompts
         from pipelines.prompt_parser import strip_extra_networks
-        from pipelines.samplers import build_scheduler
 
-        # Jobs on one device run one at a time and the model is pinned, so the scheduler can be
-        # swapped in place (cheaper than building a pipeline per job).
-        pipe = loaded.pipe
-        base_config = _base_scheduler_config(loaded)
-        pipe.set_progress_bar_config(disable=True)
-        batch = request.batch_size
+        request = job.request
         prompt, networks = strip_extra_networks(request.prompt)
         if networks:
             names = ", ".join(f"<{n.kind}:{n.name}>" for n in networks)
-            notes.append(f"extra networks are not applied yet and were removed from the prompt: {names}")
+            job.notes.append(f"extra networks are not applied yet and were removed from the prompt: {names}")
+        batch = request.batch_size
         with torch.inference_mode():
-            embeds = encode_prompts(
-                pipe, [prompt] * batch, [request.negative_prompt] * batch, request.clip_skip
-            )
-        latent_channels = pipe.vae.config.latent_channels
-        scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        shape = (latent_channels, request.height // scale, request.width // scale)
-        out_dir = dated_output_dir(self.config.outputs_root, "txt2img", datetime.now())
-        saved: list[SavedImage] = []
-        for batch_index in range(request.n_iter):
-            if control.interrupted:
-                break
-            control.clear_skip()
-            seeds = [request.seed + batch_index * batch + i for i in range(batch)]
-            subseeds = [request.subseed + batch_index * batch + i for i in range(batch)]
-            noise = initial_noise(seeds, shape, subseeds=subseeds, subseed_strength=request.subseed_strength)
-            pipe.scheduler = build_scheduler(
-                request.effective_sampler, request.scheduler, dict(base_config), noise_seed=seeds[0]
-            )
-            latents = self._denoise(
-                pipe, loaded, request, embeds, noise, seeds, batch_index, control, on_progress
-            )
-            if latents is None:
-                continue
-            if on_progress:
-                on_progress(
-                    ProgressEvent(
-                        stage="decoding",
-                        step=request.steps,
-                        steps=request.steps,
-                        batch_index=batch_index,
-                        batch_count=request.n_iter,
-                    )
-                )
-            images = decode_latents(pipe, latents, notes)
-            for i, image in enumerate(images):
-                infotext = build_request_infotext(request, loaded, seed=seeds[i], subseed=subseeds[i])
-                path = save_image_atomically(image, out_dir, seed=seeds[i], infotext=infotext)
-                saved.append(
-                    SavedImage(path=path, seed=seeds[i], subseed=subseeds[i], infotext=infotext, image=image)
-                )
-        return saved
+            yield encode_prompts(pipe, [prompt] * batch, [request.negative_prompt] * batch, request.clip_skip)
 
-    def _denoise(
-        self,
-        pipe: Any,
-        loaded: LoadedCheckpoint,
-        request: Txt2ImgRequest,
-        embeds: Any,
-        noise: Any,
-        seeds: list[int],
-        batch_index: int,
-        control: JobControl,
-        on_progress: ProgressCallback | None,
-    ) -> Any:
+    def _save(self, job: _Job, image: Image.Image, seed: int, subseed: int, folder: str) -> SavedImage:
+        from pipelines.outputs import dated_output_dir, save_image_atomically
+
+        infotext = build_request_infotext(
+            job.request, job.loaded, seed=seed, subseed=subseed, extra=job.extra_infotext
+        )
+        out_dir = dated_output_dir(self.config.outputs_root, folder, datetime.now())
+        path = save_image_atomically(image, out_dir, seed=seed, infotext=infotext)
+        return SavedImage(path=path, seed=seed, subseed=subseed, infotext=infotext, image=image)
+
+    def _batches(self, job: _Job) -> Iterator[tuple[int, list[int], list[int]]]:
+        request = job.request
+        for batch_index in range(request.n_iter):
+            if job.control.interrupted:
+                return
+            job.control.clear_skip()
+            size = request.batch_size
+            seeds = [request.seed + batch_index * size + i for i in range(size)]
+            subseeds = [request.subseed + batch_index * size + i for i in range(size)]
+            yield batch_index, seeds, subseeds
+
+    def _scheduler(self, job: _Job, pipe: Any, seeds: list[int]) -> None:
+        from pipelines.samplers import build_scheduler
+
+        request = job.request
+        pipe.scheduler = build_scheduler(
+            request.effective_sampler,
+            request.scheduler,
+            dict(job.loaded.scheduler_config),
+            noise_seed=seeds[0],
+        )
+
+    def _decoding(self, job: _Job, batch_index: int) -> None:
+        if job.on_progress:
+            steps = job.request.steps
+            job.on_progress(
+                ProgressEvent(
+                    stage="decoding",
+                    step=steps,
+                    steps=steps,
+                    batch_index=batch_index,
+                    batch_count=job.request.n_iter,
+                )
+            )
+
+    # txt2img --------------------------------------------------------------------------------
+    def _txt2img(self, job: _Job, preset: str | None, folder: str = "txt2img") -> list[SavedImage]:
         import torch
 
-        stopped = False
+        from pipelines.noise import initial_noise
 
-        def on_step_end(pipeline: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            nonlocal stopped
-            if on_progress:
-                on_progress(
-                    ProgressEvent(
-                        stage="sampling",
-                        step=step + 1,
-                        steps=request.steps,
-                        batch_index=batch_index,
-                        batch_count=request.n_iter,
-                        latents=tensors.get("latents"),
-                    )
+        request: Txt2ImgRequest = job.request
+        pipe = task_pipeline(job.loaded, "txt2img")
+        self._prepare_pipe(pipe, job.loaded.family.base, preset, job.notes)
+        saved: list[SavedImage] = []
+        with self._prompt_conditioning(job, pipe) as embeds:
+            for batch_index, seeds, subseeds in self._batches(job):
+                self._scheduler(job, pipe, seeds)
+                noise = initial_noise(
+                    seeds,
+                    latent_shape(pipe, request.width, request.height),
+                    subseeds=subseeds,
+                    subseed_strength=request.subseed_strength,
                 )
-            if control.should_stop_batch():
-                stopped = True
-                pipeline._interrupt = True
-            return tensors
+                kwargs: dict[str, Any] = {
+                    **embeds.as_pipeline_kwargs(),
+                    "num_inference_steps": request.steps,
+                    "guidance_scale": request.cfg_scale,
+                    "height": request.height,
+                    "width": request.width,
+                    "latents": noise.to(device=pipe._execution_device, dtype=pipe.unet.dtype),
+                    "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
+                }
+                if request.eta is not None:
+                    kwargs["eta"] = request.eta
+                if job.loaded.family.variant == "inpaint":
+                    kwargs.update(_blank_inpaint_inputs(request.width, request.height, len(seeds)))
+                latents = denoise(
+                    pipe,
+                    kwargs,
+                    steps=request.steps,
+                    batch_index=batch_index,
+                    batch_count=request.n_iter,
+                    control=job.control,
+                    on_progress=job.on_progress,
+                )
+                if latents is None:
+                    continue
+                if getattr(request, "enable_hr", False):
+                    images = self._hires_pass(job, pipe, embeds, latents, seeds, batch_index, preset)
+                    if images is None:
+                        continue
+                else:
+                    self._decoding(job, batch_index)
+                    images = decode_latents(pipe, latents, job.notes)
+                for i, image in enumerate(images):
+                    saved.append(self._save(job, image, seeds[i], subseeds[i], folder))
+        return saved
 
-        device = pipe._execution_device
-        dtype = pipe.unet.dtype
+    def _hires_pass(
+        self,
+        job: _Job,
+        pipe: Any,
+        embeds: Any,
+        latents: Any,
+        seeds: list[int],
+        batch_index: int,
+        preset: str | None,
+    ) -> list[Image.Image] | None:
+        """A1111's hires fix: upscale the first pass (in latent space or as an image) and run an
+        img2img pass at the target size."""
+        import torch
+
+        request: Txt2ImgRequest = job.request
+        target_w, target_h = hires_size(request)
+        strength = request.denoising_strength if request.denoising_strength is not None else 0.7
+        steps = request.hr_second_pass_steps or request.steps
+        upscaler = request.hr_upscaler or "Latent"
+        job.extra_infotext.update(
+            {
+                "Denoising strength": strength,
+                "Hires upscale": request.hr_scale
+                if not (request.hr_resize_x or request.hr_resize_y)
+                else None,
+                "Hires resize": f"{target_w}x{target_h}"
+                if (request.hr_resize_x or request.hr_resize_y)
+                else None,
+                "Hires steps": request.hr_second_pass_steps or None,
+                "Hires upscaler": upscaler,
+            }
+        )
+        if upscaler in LATENT_UPSCALE_MODES:
+            mode, antialias = LATENT_UPSCALE_MODES[upscaler]
+            scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+            init: Any = torch.nn.functional.interpolate(
+                latents, size=(target_h // scale, target_w // scale), mode=mode, antialias=antialias
+            )
+        else:
+            self._decoding(job, batch_index)
+            first = decode_latents(pipe, latents, job.notes)
+            init = [self._upscale(image, upscaler, target_w, target_h) for image in first]
+        second = task_pipeline(job.loaded, "img2img")
+        self._prepare_pipe(second, job.loaded.family.base, preset, job.notes)
+        self._scheduler(job, second, seeds)
+        if strength <= 0:
+            return init if not hasattr(init, "shape") else decode_latents(second, init, job.notes)
         kwargs: dict[str, Any] = {
             **embeds.as_pipeline_kwargs(),
+            "image": init,
+            "strength": strength,
+            "num_inference_steps": steps,
+            "guidance_scale": request.cfg_scale,
+            "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
+        }
+        if job.loaded.family.variant == "inpaint":
+            kwargs.update(_blank_inpaint_inputs(target_w, target_h, len(seeds)))
+            kwargs["height"], kwargs["width"] = target_h, target_w
+        result = denoise(
+            second,
+            kwargs,
+            steps=max(1, int(steps * strength)),
+            batch_index=batch_index,
+            batch_count=request.n_iter,
+            control=job.control,
+            on_progress=job.on_progress,
+        )
+        if result is None:
+            return None
+        self._decoding(job, batch_index)
+        return decode_latents(second, result, job.notes)
+
+    def _upscale(self, image: Image.Image, upscaler: str, width: int, height: int) -> Image.Image:
+        from PIL import Image as PILImage
+
+        if upscaler in ("None", "Lanczos"):
+            return image.resize((width, height), PILImage.Resampling.LANCZOS)
+        if upscaler == "Nearest":
+            return image.resize((width, height), PILImage.Resampling.NEAREST)
+        from pipelines.upscalers import upscale
+
+        return upscale(image, upscaler=upscaler, target_size=(width, height), models_root=self._models_root())
+
+    def _models_root(self) -> Path:
+        return self.config.models_root or self.models.registry.paths.models_root
+
+    # img2img / inpaint / outpaint -------------------------------------------------------------
+    def _img2img(self, job: _Job, preset: str | None) -> list[SavedImage]:
+        import torch
+
+        from pipelines.inpaint_plan import fill_name, plan_source
+
+        request: Img2ImgRequest = job.request
+        strength = request.denoising_strength
+        job.extra_infotext["Denoising strength"] = strength
+        if request.mask or request.outpainting:
+            job.extra_infotext["Mask blur"] = request.mask_blur_x
+            if request.mask and not request.outpainting:
+                job.extra_infotext["Masked content"] = fill_name(request.inpainting_fill)
+                if request.inpaint_full_res:
+                    job.extra_infotext["Inpaint area"] = "Only masked"
+                    job.extra_infotext["Masked area padding"] = request.inpaint_full_res_padding
+        if (
+            strength >= 1
+            and not (request.mask or request.outpainting)
+            and job.loaded.family.variant == "normal"
+        ):
+            # Full strength discards the input: sample from the seed's noise exactly as txt2img does.
+            return self._txt2img(job, preset, folder="img2img")
+        if request.subseed_strength > 0:
+            job.notes.append("variation seeds apply to txt2img only; img2img noise comes from the seed alone")
+        saved: list[SavedImage] = []
+        with self._prompt_conditioning(job, task_pipeline(job.loaded, "txt2img")) as embeds:
+            for batch_index, seeds, subseeds in self._batches(job):
+                plans = [
+                    plan_source(request, batch_index * len(seeds) + i, seed=s) for i, s in enumerate(seeds)
+                ]
+                for plan in plans:
+                    job.notes.extend(n for n in plan.notes if n not in job.notes)
+                if all(p.empty_mask for p in plans) or strength <= 0:
+                    results = [p.original if p.empty_mask or p.is_inpaint else p.init for p in plans]
+                else:
+                    results = self._img2img_batch(job, plans, embeds, seeds, batch_index, preset, torch)
+                    if results is None:
+                        continue
+                for i, image in enumerate(results):
+                    saved.append(self._save(job, image, seeds[i], subseeds[i], "img2img"))
+        return saved
+
+    def _img2img_batch(
+        self,
+        job: _Job,
+        plans: list[Any],
+        embeds: Any,
+        seeds: list[int],
+        batch_index: int,
+        preset: str | None,
+        torch: Any,
+    ) -> list[Image.Image] | None:
+        request: Img2ImgRequest = job.request
+        inpaint = plans[0].is_inpaint
+        width, height = plans[0].size
+        if len({p.size for p in plans}) > 1:
+            raise ValueError("init_images: all images of one batch must give the same processing size")
+        pipe = task_pipeline(job.loaded, "inpaint" if inpaint else "img2img")
+        self._prepare_pipe(pipe, job.loaded.family.base, preset, job.notes)
+        self._scheduler(job, pipe, seeds)
+        strength = request.denoising_strength
+        kwargs: dict[str, Any] = {
+            **embeds.as_pipeline_kwargs(),
+            "image": [p.init for p in plans],
+            "strength": strength,
             "num_inference_steps": request.steps,
             "guidance_scale": request.cfg_scale,
-            "height": request.height,
-            "width": request.width,
-            "latents": noise.to(device=device, dtype=dtype),
             "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
-            "output_type": "latent",
-            "callback_on_step_end": on_step_end,
         }
+        if inpaint or job.loaded.family.variant == "inpaint":
+            from PIL import Image as PILImage
+
+            masks = [p.mask if p.mask is not None else PILImage.new("L", p.size, 255) for p in plans]
+            kwargs.update(mask_image=masks, height=height, width=width)
         if request.eta is not None:
             kwargs["eta"] = request.eta
-        if loaded.family.variant == "inpaint":
-            kwargs.update(_blank_inpaint_inputs(request, len(seeds)))
-        with torch.inference_mode():
-            output = pipe(**kwargs)
-        if stopped:
+        steps = max(1, int(request.steps * strength)) if strength < 1 else request.steps
+        latents = denoise(
+            pipe,
+            kwargs,
+            steps=steps,
+            batch_index=batch_index,
+            batch_count=request.n_iter,
+            control=job.control,
+            on_progress=job.on_progress,
+        )
+        if latents is None:
             return None
-        return output.images
+        self._decoding(job, batch_index)
+        images = decode_latents(pipe, latents, job.notes)
+        return [plan.finish(image) for plan, image in zip(plans, images, strict=True)]
 
 
-def _base_scheduler_config(loaded: LoadedCheckpoint) -> dict[str, Any]:
-    """The checkpoint's own scheduler config, remembered before any job swaps schedulers."""
-    config = getattr(loaded, "_base_scheduler_config", None)
-    if config is None:
-        config = dict(loaded.pipe.scheduler.config)
-        loaded._base_scheduler_config = config  # type: ignore[attr-defined]
-    return config
+def hires_size(request: Txt2ImgRequest) -> tuple[int, int]:
+    """A1111's hires target: explicit ``hr_resize_x/y`` (one may be 0: keep the aspect), else scale."""
+    if request.hr_resize_x or request.hr_resize_y:
+        width = request.hr_resize_x or round(request.hr_resize_y * request.width / request.height)
+        height = request.hr_resize_y or round(request.hr_resize_x * request.height / request.width)
+    else:
+        width, height = round(request.width * request.hr_scale), round(request.height * request.hr_scale)
+    return width // 8 * 8, height // 8 * 8
 
 
-def _blank_inpaint_inputs(request: GenerationRequest, count: int) -> dict[str, Any]:
+def _blank_inpaint_inputs(width: int, height: int, count: int) -> dict[str, Any]:
     """txt2img with an inpainting checkpoint: the whole canvas is masked (A1111 does the same)."""
     from PIL import Image
 
-    image = Image.new("RGB", (request.width, request.height), (127, 127, 127))
-    mask = Image.new("L", (request.width, request.height), 255)
+    image = Image.new("RGB", (width, height), (127, 127, 127))
+    mask = Image.new("L", (width, height), 255)
     return {"image": [image] * count, "mask_image": [mask] * count, "strength": 1.0}
 
 
-def decode_latents(pipe: Any, latents: Any, notes: list[str]) -> list[Image.Image]:
-    """VAE-decode, re-decoding in float32 if half precision produced NaNs (A1111's black images)."""
-    import torch
-
-    from pipelines.memory import decode_has_nan
-
-    vae = pipe.vae
-    config = vae.config
-
-    def run(dtype: torch.dtype) -> torch.Tensor:
-        scaled = latents.to(dtype)
-        mean = getattr(config, "latents_mean", None)
-        std = getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(scaled)
-            std_t = torch.tensor(std).view(1, -1, 1, 1).to(scaled)
-            scaled = scaled * std_t / config.scaling_factor + mean_t
-        else:
-            scaled = scaled / config.scaling_factor
-        shift = getattr(config, "shift_factor", None)
-        if shift:
-            scaled = scaled + shift
-        with torch.inference_mode():
-            return vae.decode(scaled, return_dict=False)[0]
-
-    half = vae.dtype in (torch.float16, torch.bfloat16)
-    if half and getattr(config, "force_upcast", False):
-        original = vae.dtype
-        vae.to(torch.float32)
-        try:
-            image = run(torch.float32)
-        finally:
-            vae.to(original)
-    else:
-        image = run(vae.dtype)
-        if half and decode_has_nan(image):
-            notes.append(
-                "VAE produced NaNs in half precision; decoded again in float32 (--no-half-vae avoids this)"
-            )
-            original = vae.dtype
-            vae.to(torch.float32)
-            try:
-                image = run(torch.float32)
-            finally:
-                vae.to(original)
-    return pipe.image_processor.postprocess(image, output_type="pil")
-
-
 def build_request_infotext(
-    request: GenerationRequest, loaded: LoadedCheckpoint, *, seed: int, subseed: int
+    request: GenerationRequest,
+    loaded: LoadedCheckpoint,
+    *,
+    seed: int,
+    subseed: int,
+    extra: dict[str, object] | None = None,
 ) -> str:
     """A1111's parameters text for one image of this request."""
     from pipelines.infotext import build_infotext
 
-    params: dict[str, object] = {
+    params: dict[str, object | None] = {
         "Steps": request.steps,
         "Sampler": request.effective_sampler,
         "Schedule type": request.scheduler,
@@ -404,6 +573,7 @@ def build_request_infotext(
         params["Clip skip"] = request.clip_skip
     if request.eta is not None:
         params["Eta"] = request.eta
+    params.update(extra or {})
     params["Version"] = ENGINE_VERSION
     return build_infotext(
         request.prompt, request.negative_prompt, {k: v for k, v in params.items() if v is not None}

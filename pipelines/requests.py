@@ -169,3 +169,92 @@ def format_validation_error(error: ValidationError) -> str:
         else:
             lines.append(f"{location}: {message}")
     return "\n".join(lines)
+
+
+class Img2ImgRequest(GenerationRequest):
+    """A1111 ``/sdapi/v1/img2img``: img2img, inpainting (with ``mask``) and outpainting.
+
+    Images are file paths (CLI) or base64 strings with or without a ``data:`` prefix (API).
+    """
+
+    mode: Literal["img2img"] = "img2img"
+    init_images: list[str] = Field(..., min_length=1, description="Source image(s): paths or base64.")
+    resize_mode: int = Field(
+        0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill, 3 latent"
+    )
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0, description="0 returns the input; 1 ignores it.")
+    image_cfg_scale: float | None = Field(
+        None, ge=0.0, le=30.0, description="Image CFG (instruct-pix2pix models)."
+    )
+    mask: str | None = Field(None, description="Inpainting mask (white = change): path or base64.")
+    mask_blur: int | None = Field(None, ge=0, le=64, description="Sets mask_blur_x and mask_blur_y.")
+    mask_blur_x: int = Field(4, ge=0, le=64)
+    mask_blur_y: int = Field(4, ge=0, le=64)
+    inpainting_fill: int = Field(
+        0, ge=0, le=3, description="0 fill, 1 original, 2 latent noise, 3 latent nothing"
+    )
+    inpaint_full_res: bool = Field(True, description="Inpaint only the masked area at full resolution.")
+    inpaint_full_res_padding: int = Field(0, ge=0, le=256, description="Padding around the masked area, px.")
+    inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1 = change the black part of the mask.")
+    outpaint_left: int = Field(0, ge=0, le=2048, description="Outpainting: pixels to add on the left.")
+    outpaint_right: int = Field(0, ge=0, le=2048)
+    outpaint_up: int = Field(0, ge=0, le=2048)
+    outpaint_down: int = Field(0, ge=0, le=2048)
+    include_init_images: bool = False
+
+    @field_validator("inpainting_mask_invert", mode="before")
+    @classmethod
+    def _bool_as_int(cls, value: Any) -> Any:
+        return int(value) if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _apply_mask_blur(self) -> Img2ImgRequest:
+        if self.mask_blur is not None:
+            object.__setattr__(self, "mask_blur_x", self.mask_blur)
+            object.__setattr__(self, "mask_blur_y", self.mask_blur)
+        return self
+
+    @property
+    def outpainting(self) -> bool:
+        return any((self.outpaint_left, self.outpaint_right, self.outpaint_up, self.outpaint_down))
+
+
+class ExtrasRequest(BaseModel):
+    """A1111 ``/sdapi/v1/extra-single-image``: upscale and/or restore faces."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    mode: Literal["extras"] = "extras"
+    image: str = Field(..., description="Image: path or base64.")
+    resize_mode: int = Field(
+        0, ge=0, le=1, description="0 scale by upscaling_resize, 1 scale to width/height"
+    )
+    upscaling_resize: float = Field(2.0, ge=1.0, le=8.0)
+    upscaling_resize_w: int = Field(512, ge=64, le=16384)
+    upscaling_resize_h: int = Field(512, ge=64, le=16384)
+    upscaling_crop: bool = True
+    upscaler_1: str = Field("None", description="Upscaler name (Lanczos, Nearest, or a models/ESRGAN file).")
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    gfpgan_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    codeformer_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    codeformer_weight: float = Field(0.0, ge=0.0, le=1.0)
+    upscale_first: bool = False
+    show_extras_results: bool = True
+
+
+JobRequest = Txt2ImgRequest | Img2ImgRequest | ExtrasRequest
+REQUEST_TYPES: dict[str, type[BaseModel]] = {
+    "txt2img": Txt2ImgRequest,
+    "img2img": Img2ImgRequest,
+    "extras": ExtrasRequest,
+}
+
+
+def parse_request(payload: dict[str, Any]) -> JobRequest:
+    """Build the right request model from a JSON object (``mode`` picks it; txt2img by default)."""
+    mode = str(payload.get("mode", "img2img" if "init_images" in payload else "txt2img"))
+    model = REQUEST_TYPES.get(mode)
+    if model is None:
+        raise ValueError(f"mode: unknown mode '{mode}'; choose one of {', '.join(REQUEST_TYPES)}")
+    return model.model_validate({**payload, "mode": mode})  # type: ignore[return-value]

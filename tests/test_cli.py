@@ -125,3 +125,46 @@ def test_batch_reports_bad_lines_runs_the_rest_and_resumes(tiny_models_root: Pat
     second = launch("batch", str(jobs), *common(tiny_models_root, tmp_path), "--out", str(out))
     assert "0 done, 2 failed, 2 already done earlier" in second.stdout
     assert pngs(out) == made  # nothing redone
+
+
+def test_generate_img2img_and_inpaint_from_files(tiny_models_root: Path, tmp_path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    source, mask = tmp_path / "photo.png", tmp_path / "mask.png"
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(source)
+    drawn = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(drawn).rectangle((10, 10, 30, 30), fill=255)
+    drawn.save(mask)
+    out = tmp_path / "out"
+    result = launch(
+        "generate",
+        *common(tiny_models_root, tmp_path),
+        "--out",
+        str(out),
+        "--model",
+        "tiny-sd1",
+        "--init-images",
+        str(source),
+        "--mask",
+        str(mask),
+        "--denoising-strength",
+        "0.8",
+        "--prompt",
+        "a window",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "3",
+    )
+    assert result.returncode == 0, result.stderr
+    (made,) = pngs(out)
+    assert made.parent.parent.name == "img2img-images"
+    assert "Denoising strength: 0.8" in read_png_parameters(made)
+
+    wrong = launch("generate", *common(tiny_models_root, tmp_path), "--prompt", "x", "--mask", str(mask))
+    assert wrong.returncode == 2
+    assert "--mask: not a field of txt2img requests" in wrong.stderr

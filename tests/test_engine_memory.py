@@ -34,7 +34,7 @@ def fail_first_calls(monkeypatch: pytest.MonkeyPatch, pipe: Any, failures: int) 
     return calls
 
 
-def test_out_of_memory_retries_once_with_lower_preset(studio, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_out_of_memory_retries_once_with_lower_preset(studio, tmp_path: Path, monkeypatch) -> None:
     engine = engine_with(studio, tmp_path, "high")
     loaded = studio.models.load("tiny-sd1")
     calls = fail_first_calls(monkeypatch, loaded.pipe, failures=1)
@@ -44,7 +44,7 @@ def test_out_of_memory_retries_once_with_lower_preset(studio, tmp_path: Path, mo
     assert any("retrying once with 'medvram'" in note for note in result.notes)
 
 
-def test_out_of_memory_twice_is_a_clear_error(studio, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_out_of_memory_twice_is_a_clear_error(studio, tmp_path: Path, monkeypatch) -> None:
     engine = engine_with(studio, tmp_path, "high")
     loaded = studio.models.load("tiny-sd1")
     fail_first_calls(monkeypatch, loaded.pipe, failures=5)
@@ -53,7 +53,7 @@ def test_out_of_memory_twice_is_a_clear_error(studio, tmp_path: Path, monkeypatc
     assert not list((tmp_path / "out").rglob("*.png"))
 
 
-def test_auto_preset_on_cpu_and_flag_overrides(studio, tmp_path: Path) -> None:  # noqa: ANN001
+def test_auto_preset_on_cpu_and_flag_overrides(studio, tmp_path: Path) -> None:
     engine = engine_with(studio, tmp_path, "auto", no_half_vae=True, channels_last=True)
     name, options = engine.memory_options(family="sd1")
     assert name == "cpu"  # no CUDA on this machine
