@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.jobs.executor import LocalExecutor
 from app.settings import StudioSettings
@@ -11,6 +13,9 @@ from pipelines.engine import EngineConfig, ImageEngine
 from pipelines.hashing import HashCache
 from pipelines.model_manager import ModelManager
 from pipelines.registry import ModelPaths, ModelRegistry
+
+if TYPE_CHECKING:
+    from app.jobs.queue import JobQueue
 
 
 @dataclass
@@ -20,6 +25,22 @@ class StudioServices:
     models: ModelManager
     engine: ImageEngine
     executor: LocalExecutor
+    _queue_started: bool = field(default=False, init=False)
+
+    @cached_property
+    def queue(self) -> JobQueue:
+        """The durable job queue (opened on first use: the headless CLI never needs it)."""
+        from app.jobs.queue import JobQueue
+        from app.jobs.store import JobStore
+
+        store = JobStore(self.settings.data_dir / "jobs.sqlite3")
+        return JobQueue(store, self.executor, max_queued=self.settings.max_queued_jobs)
+
+    def start_queue(self) -> JobQueue:
+        if not self._queue_started:
+            self.queue.start()
+            self._queue_started = True
+        return self.queue
 
     @classmethod
     def create(cls, settings: StudioSettings, *, outputs_dir: Path | None = None) -> StudioServices:
@@ -42,6 +63,10 @@ class StudioServices:
                 outputs_root=outputs_dir or settings.outputs_dir,
                 memory_preset=settings.memory_preset,
                 memory_overrides=settings.memory_overrides(),
+                models_root=settings.models_dir,
+                lora_dir=paths.folder("lora"),
+                embeddings_dir=paths.folder("embedding"),
+                vae_dir=paths.folder("vae"),
             ),
         )
         return cls(

@@ -36,6 +36,7 @@ class StudioSettings(BaseSettings):
     preload_model: bool = Field(
         False, description="Load the default model at startup instead of on first use."
     )
+    max_queued_jobs: int = Field(100, ge=1, le=100_000, description="Waiting jobs beyond this are refused.")
 
     memory_preset: MemoryPresetName = "auto"
     no_half: bool = False

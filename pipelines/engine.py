@@ -255,6 +255,8 @@ class ImageEngine:
         )
         out_dir = dated_output_dir(self.config.outputs_root, folder, datetime.now())
         path = save_image_atomically(image, out_dir, seed=seed, infotext=infotext)
+        if job.on_progress:
+            job.on_progress(ProgressEvent(stage="saved", message=str(path)))
         return SavedImage(path=path, seed=seed, subseed=subseed, infotext=infotext, image=image)
 
     def _batches(self, job: _Job) -> Iterator[tuple[int, list[int], list[int]]]:

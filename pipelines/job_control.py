@@ -12,7 +12,7 @@ from typing import Any
 class ProgressEvent:
     """One sampling step (or a stage change) of a job."""
 
-    stage: str  # "loading", "sampling", "decoding", "saving", "done"
+    stage: str  # "loading", "sampling", "decoding", "saved" (message = the file), "done"
     step: int = 0  # steps done in the current batch
     steps: int = 0  # steps per batch
     batch_index: int = 0  # which n_iter batch
