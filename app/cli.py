@@ -328,6 +328,15 @@ def build_parser(
     generate.add_argument("--mode", choices=list(REQUEST_TYPES), help="default: inferred from the flags")
     add_request_arguments(generate)
 
+    xyz = commands.add_parser("xyz", parents=shared, help="X/Y/Z plot: vary fields, save a labelled grid")
+    xyz.add_argument("--x", required=True, help="FIELD=V1,V2,... (e.g. steps=10,20 or cfg_scale=5-9 (+2))")
+    xyz.add_argument("--y", help="second axis, same syntax")
+    xyz.add_argument("--z", help="third axis, same syntax")
+    xyz.add_argument("--model", help="checkpoint name")
+    xyz.add_argument("--out", type=Path, help="output folder (default: outputs/)")
+    xyz.add_argument("--mode", choices=list(REQUEST_TYPES), help="default: inferred from the flags")
+    add_request_arguments(xyz)
+
     batch = commands.add_parser("batch", parents=shared, help="run a JSONL file of requests (resumable)")
     batch.add_argument("jobs", help="JSONL file: one request object per line")
     batch.add_argument("--out", type=Path, help="output folder (default: outputs/)")
@@ -352,7 +361,71 @@ def build_parser(
     return parser
 
 
-COMMANDS = {"generate": run_generate, "batch": run_batch, "models": run_models, "download": run_download}
+def run_xyz(args: argparse.Namespace, settings: StudioSettings) -> int:
+    """A1111's X/Y/Z plot from the shell: one job per cell, then a labelled grid image."""
+    from pipelines.outputs import dated_output_dir, save_image_atomically
+    from pipelines.xyz_grid import Axis, GridAxisError, cell_overrides, combinations, draw_grid
+
+    try:
+        base = request_from_args(args)
+        fields = set(type(base).model_fields)
+        axes = [
+            Axis.parse(text, fields, option=f"--{name}")
+            for name, text in (("x", args.x), ("y", args.y), ("z", args.z))
+            if text
+        ]
+    except ValidationError as exc:
+        print(f"error: invalid request:\n{format_validation_error(exc)}", file=sys.stderr)
+        return 2
+    except (GridAxisError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    services = _services(settings, args.out)
+    if _explain_missing_models(services):
+        return 3
+    payload = base.model_dump(mode="json")
+    cells = {}
+    try:
+        requests = [
+            (combo, parse_request(cell_overrides(payload, axes, combo))) for combo in combinations(axes)
+        ]
+    except ValidationError as exc:
+        print(f"error: a grid value is invalid:\n{format_validation_error(exc)}", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    for combo, request in tqdm(requests, desc="grid", unit="cell"):
+        try:
+            result = services.executor.execute(request)
+        except StudioError as exc:
+            print(
+                f"error: cell {dict(zip([a.field for a in axes], combo, strict=True))}: {exc}",
+                file=sys.stderr,
+            )
+            return 1
+        cells[combo] = result.images[0].image
+        print(result.images[0].path)
+    grid = draw_grid(cells, axes)
+    summary = ", ".join(
+        f'{"XYZ"[i]} Type: {axis.field}, {"XYZ"[i]} Values: "{",".join(axis.values)}"'
+        for i, axis in enumerate(axes)
+    )
+    infotext = f"{base.prompt}\nScript: X/Y/Z plot, {summary}" if hasattr(base, "prompt") else summary
+    folder = dated_output_dir(
+        services.engine.config.outputs_root, payload.get("mode", "txt2img"), kind="grids"
+    )
+    path = save_image_atomically(grid, folder, seed=int(payload.get("seed", 0) or 0), infotext=infotext)
+    print(f"grid: {path}")
+    return 0
+
+
+COMMANDS = {
+    "generate": run_generate,
+    "xyz": run_xyz,
+    "batch": run_batch,
+    "models": run_models,
+    "download": run_download,
+}
 
 
 def main(argv: Sequence[str] | None = None, settings: StudioSettings | None = None) -> int:

@@ -8,6 +8,7 @@ with A1111-style parameters embedded, before it is returned.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from pipelines.errors import GenerationInterruptedError, OutOfMemoryError
 from pipelines.job_control import JobControl, ProgressCallback, ProgressEvent
 from pipelines.requests import (
     RANDOM_SEED,
+    ExtrasRequest,
     GenerationRequest,
     Img2ImgRequest,
     Txt2ImgRequest,
@@ -134,6 +136,16 @@ class ImageEngine:
         self.models = models
         self.config = config
         self._applied: dict[int, str] = {}  # id(pipe) -> preset applied to it
+        self._upscaler_cache: Any = None
+
+    @property
+    def upscaler_cache(self) -> Any:
+        """Loaded upscaler / face-restore networks (created on first use)."""
+        if self._upscaler_cache is None:
+            from pipelines.upscalers import UpscalerCache
+
+            self._upscaler_cache = UpscalerCache()
+        return self._upscaler_cache
 
     # memory ---------------------------------------------------------------------------------
     def memory_options(self, preset: str | None = None, family: str = "sd1") -> tuple[str, MemoryOptions]:
@@ -171,6 +183,8 @@ class ImageEngine:
             return self._generate(request, self._txt2img, control, on_progress)
         if isinstance(request, Img2ImgRequest):
             return self._generate(request, self._img2img, control, on_progress)
+        if isinstance(request, ExtrasRequest):
+            return self.extras(request, control=control, on_progress=on_progress)
         raise TypeError(f"no engine mode for request type {type(request).__name__}")
 
     def txt2img(self, request: Txt2ImgRequest, **kwargs: Any) -> GenerationResult:
@@ -395,6 +409,7 @@ class ImageEngine:
         self._scheduler(job, second, seeds)
         if strength <= 0:
             return init if not hasattr(init, "shape") else decode_latents(second, init, job.notes)
+        steps = img2img_call_steps(steps, strength)
         kwargs: dict[str, Any] = {
             **embeds.as_pipeline_kwargs(),
             "image": init,
@@ -429,7 +444,14 @@ class ImageEngine:
             return image.resize((width, height), PILImage.Resampling.NEAREST)
         from pipelines.upscalers import upscale
 
-        return upscale(image, upscaler=upscaler, target_size=(width, height), models_root=self._models_root())
+        return upscale(
+            image,
+            upscaler=upscaler,
+            target_size=(width, height),
+            crop=False,
+            cache=self.upscaler_cache,
+            models_root=self._models_root(),
+        )
 
     def _models_root(self) -> Path:
         return self.config.models_root or self.models.registry.paths.models_root
@@ -500,7 +522,7 @@ class ImageEngine:
             **embeds.as_pipeline_kwargs(),
             "image": [p.init for p in plans],
             "strength": strength,
-            "num_inference_steps": request.steps,
+            "num_inference_steps": img2img_call_steps(request.steps, strength),
             "guidance_scale": request.cfg_scale,
             "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
         }
@@ -511,7 +533,7 @@ class ImageEngine:
             kwargs.update(mask_image=masks, height=height, width=width)
         if request.eta is not None:
             kwargs["eta"] = request.eta
-        steps = max(1, int(request.steps * strength)) if strength < 1 else request.steps
+        steps = max(1, int(img2img_call_steps(request.steps, strength) * strength))
         latents = denoise(
             pipe,
             kwargs,
@@ -526,6 +548,120 @@ class ImageEngine:
         self._decoding(job, batch_index)
         images = decode_latents(pipe, latents, job.notes)
         return [plan.finish(image) for plan, image in zip(plans, images, strict=True)]
+
+    # extras ----------------------------------------------------------------------------------
+    def extras(
+        self,
+        request: ExtrasRequest,
+        *,
+        control: JobControl | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> GenerationResult:
+        """A1111's extras tab: face restoration and upscaling (one or two upscalers blended)."""
+        from pipelines.image_ops import load_image
+        from pipelines.infotext import build_infotext
+        from pipelines.outputs import dated_output_dir, save_image_atomically
+
+        started = time.perf_counter()
+        control = control or JobControl()
+        image = load_image(request.image, field="image")
+        has_alpha = image.mode in ("RGBA", "LA")
+        image = image.convert("RGBA" if has_alpha else "RGB")
+        notes: list[str] = []
+        params: dict[str, object | None] = {}
+        steps = [self._extras_faces, self._extras_upscale]
+        if request.upscale_first:
+            steps.reverse()
+        for index, step in enumerate(steps):
+            if control.interrupted:
+                raise GenerationInterruptedError("Interrupted before the image was finished.")
+            if on_progress:
+                on_progress(
+                    ProgressEvent(stage="sampling", step=index, steps=len(steps), message="Processing")
+                )
+            image = step(image, request, notes, params)
+        params["Version"] = ENGINE_VERSION
+        infotext = build_infotext("", "", {k: v for k, v in params.items() if v is not None})
+        path = save_image_atomically(
+            image, dated_output_dir(self.config.outputs_root, "extras"), seed=0, infotext=infotext
+        )
+        if on_progress:
+            on_progress(ProgressEvent(stage="saved", message=str(path)))
+            on_progress(ProgressEvent(stage="done"))
+        saved = SavedImage(path=path, seed=0, subseed=0, infotext=infotext, image=image)
+        return GenerationResult(
+            images=[saved], request=request, notes=notes, seconds=time.perf_counter() - started
+        )
+
+    def _extras_faces(
+        self, image: Image.Image, request: ExtrasRequest, notes: list[str], params: dict[str, object | None]
+    ) -> Image.Image:
+        from pipelines.face_restore import restore_faces
+
+        for model, visibility, key in (
+            ("GFPGAN", request.gfpgan_visibility, "GFPGAN visibility"),
+            ("CodeFormer", request.codeformer_visibility, "CodeFormer visibility"),
+        ):
+            if visibility <= 0:
+                continue
+            result = restore_faces(
+                image,
+                model=model,
+                visibility=visibility,
+                codeformer_weight=request.codeformer_weight,
+                cache=self.upscaler_cache,
+                models_root=self._models_root(),
+            )
+            notes.extend(result.messages)
+            params[key] = visibility
+            image = result.image
+        return image
+
+    def _extras_upscale(
+        self, image: Image.Image, request: ExtrasRequest, notes: list[str], params: dict[str, object | None]
+    ) -> Image.Image:
+        from PIL import Image as PILImage
+
+        from pipelines.upscalers import upscale
+
+        if request.upscaler_1 == "None" and request.upscaler_2 == "None":
+            return image
+        if request.resize_mode == 0:
+            sizing: dict[str, Any] = {"scale": request.upscaling_resize}
+            params["Postprocess upscale by"] = request.upscaling_resize
+        else:
+            sizing = {
+                "target_size": (request.upscaling_resize_w, request.upscaling_resize_h),
+                "crop": request.upscaling_crop,
+            }
+            params["Postprocess upscale to"] = f"{request.upscaling_resize_w}x{request.upscaling_resize_h}"
+            params["Postprocess crop to fit"] = request.upscaling_crop
+
+        def run(name: str) -> Image.Image:
+            if name == "None":
+                name = "Lanczos"
+            return upscale(
+                image, upscaler=name, cache=self.upscaler_cache, models_root=self._models_root(), **sizing
+            )
+
+        first = run(request.upscaler_1)
+        params["Postprocess upscaler"] = request.upscaler_1
+        if request.upscaler_2 != "None" and request.extras_upscaler_2_visibility > 0:
+            second = run(request.upscaler_2)
+            if second.size != first.size:
+                second = second.resize(first.size, PILImage.Resampling.LANCZOS)
+            first = PILImage.blend(first, second.convert(first.mode), request.extras_upscaler_2_visibility)
+            params["Postprocess upscaler 2"] = request.upscaler_2
+            params["Postprocess upscaler 2 visibility"] = request.extras_upscaler_2_visibility
+        return first
+
+
+def img2img_call_steps(steps: int, strength: float) -> int:
+    """diffusers runs ``int(steps * strength)`` img2img steps; make that at least one (a low
+    strength with few steps would otherwise run none and fail)."""
+    if strength <= 0 or int(steps * strength) >= 1:
+        return steps
+    return math.ceil(1 / strength)
 
 
 def hires_size(request: Txt2ImgRequest) -> tuple[int, int]:

@@ -52,12 +52,15 @@ _ASCII_PREFIX = b"ASCII\x00\x00\x00"
 _MAX_TEMP_ATTEMPTS = 100
 
 
-def dated_output_dir(outputs_root: Path, mode: str, when: datetime | None = None) -> Path:
-    """``outputs_root / f"{mode}-images" / "YYYY-MM-DD"`` (local date, like A1111)."""
-    if not _MODE_RE.match(mode):
+def dated_output_dir(
+    outputs_root: Path, mode: str, when: datetime | None = None, *, kind: str = "images"
+) -> Path:
+    """``outputs_root / f"{mode}-{kind}" / "YYYY-MM-DD"`` (local date, like A1111; ``kind`` is
+    "images" or "grids")."""
+    if not _MODE_RE.match(mode) or kind not in ("images", "grids"):
         raise ValueError(f"mode {mode!r} is not a plain name such as 'txt2img', 'img2img' or 'extras'")
     day = (when or datetime.now()).strftime("%Y-%m-%d")
-    return Path(outputs_root) / f"{mode}-images" / day
+    return Path(outputs_root) / f"{mode}-{kind}" / day
 
 
 def _fsync_directory(directory: Path) -> None:

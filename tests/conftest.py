@@ -26,7 +26,20 @@ def tiny_models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_single_file(
         tiny_pipeline("sd1", inpainting=True, seed=0), checkpoints / "tiny-sd1-inpaint.safetensors", "sd1"
     )
+    save_tiny_upscaler(root / "ESRGAN" / "2x-tiny-compact.safetensors")
     return root
+
+
+def save_tiny_upscaler(path: Path) -> Path:
+    """A Real-ESRGAN Compact 2x upscaler with random weights (spandrel identifies it)."""
+    import torch
+    from safetensors.torch import save_file
+    from spandrel.architectures.Compact import Compact
+
+    torch.manual_seed(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=2).state_dict(), str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

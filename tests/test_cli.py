@@ -168,3 +168,44 @@ def test_generate_img2img_and_inpaint_from_files(tiny_models_root: Path, tmp_pat
     wrong = launch("generate", *common(tiny_models_root, tmp_path), "--prompt", "x", "--mask", str(mask))
     assert wrong.returncode == 2
     assert "--mask: not a field of txt2img requests" in wrong.stderr
+
+
+def test_xyz_plot_saves_a_labelled_grid(tiny_models_root: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = tmp_path / "out"
+    result = launch(
+        "xyz",
+        *common(tiny_models_root, tmp_path),
+        "--out",
+        str(out),
+        "--model",
+        "tiny-sd1",
+        "--x",
+        "steps=1,2",
+        "--y",
+        "prompt_sr=cat,dog",
+        "--prompt",
+        "a cat on a mat",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "9",
+    )
+    assert result.returncode == 0, result.stderr
+    grid_line = [line for line in result.stdout.splitlines() if line.startswith("grid: ")]
+    grid_path = Path(grid_line[0].removeprefix("grid: "))
+    assert grid_path.parent.parent.name == "txt2img-grids"
+    grid = Image.open(grid_path)
+    assert grid.width >= 128 and grid.height >= 128
+    cells = [p for p in pngs(out) if "txt2img-images" in str(p)]
+    assert len(cells) == 4
+    prompts = {parse_infotext(read_png_parameters(p)).prompt for p in cells}
+    assert prompts == {"a cat on a mat", "a dog on a mat"}
+    assert "X Type: steps" in read_png_parameters(grid_path)
+
+    bad = launch("xyz", *common(tiny_models_root, tmp_path), "--x", "warp=1,2", "--prompt", "x")
+    assert bad.returncode == 2
+    assert "--x: 'warp' is not a request field" in bad.stderr
