@@ -137,6 +137,7 @@ class ImageEngine:
         self.config = config
         self._applied: dict[int, str] = {}  # id(pipe) -> preset applied to it
         self._upscaler_cache: Any = None
+        self._vae_cache: Any = None
 
     @property
     def upscaler_cache(self) -> Any:
@@ -210,8 +211,13 @@ class ImageEngine:
             if on_progress:
                 on_progress(ProgressEvent(stage="loading", message=message))
 
-        with self.models.use(request.checkpoint, status=status) as loaded:
+        with (
+            self.models.use(request.checkpoint, status=status) as loaded,
+            self._vae_for(request, loaded) as vae,
+        ):
             job = _Job(request=request, loaded=loaded, control=control, on_progress=on_progress, notes=notes)
+            if vae is not None:
+                job.extra_infotext.update({"VAE hash": vae[1], "VAE": vae[0]})
             preset: str | None = None
             while True:
                 try:
@@ -243,6 +249,25 @@ class ImageEngine:
         if control.interrupted and not images:
             raise GenerationInterruptedError("Interrupted before any image was finished.")
         return result
+
+    @contextmanager
+    def _vae_for(
+        self, request: GenerationRequest, loaded: LoadedCheckpoint
+    ) -> Iterator[tuple[str, str] | None]:
+        """Swap in the VAE the request names (``override_settings.sd_vae``) for this job."""
+        from pipelines.vae_loader import AUTOMATIC, VaeCache, vae_swapped
+
+        name = request.vae
+        if name is None or name in AUTOMATIC:
+            yield None
+            return
+        registry = self.models.registry
+        entry = registry.find("vae", name)
+        if self._vae_cache is None:
+            self._vae_cache = VaeCache()
+        vae = self._vae_cache.get(entry, loaded.pipe.vae)
+        with vae_swapped(loaded, vae):
+            yield entry.filename, registry.short_hash(entry, compute=True) or ""
 
     @contextmanager
     def _prompt_conditioning(self, job: _Job, pipe: Any) -> Iterator[Any]:
