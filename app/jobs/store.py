@@ -203,11 +203,13 @@ class JobStore:
             ).fetchall()
         per_owner: dict[str, list[str]] = {}
         last: dict[str, float] = {}
-        for row in rows:
+        first_seen: dict[str, int] = {}
+        for index, row in enumerate(rows):  # rows come in submission order
             per_owner.setdefault(row["owner"], []).append(row["id"])
             last[row["owner"]] = row["last"]
+            first_seen.setdefault(row["owner"], index)
         order: list[str] = []
-        owners = sorted(per_owner, key=lambda owner: (last[owner], per_owner[owner][0]))
+        owners = sorted(per_owner, key=lambda owner: (last[owner], first_seen[owner]))
         while any(per_owner.values()):
             for owner in owners:
                 if per_owner[owner]:
