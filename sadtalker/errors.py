@@ -11,3 +11,27 @@ class SadTalkerError(StudioError):
 
 class SadTalkerCheckpointError(SadTalkerError, CheckpointLoadError):
     """A SadTalker model file is missing, unreadable or does not hold the expected weights."""
+
+
+class AudioFileError(SadTalkerError):
+    """The driving audio cannot be used: missing, not audio, unreadable, empty or too short."""
+
+
+class EmptyAudioError(AudioFileError):
+    """The audio file is 0 bytes, holds no samples, or is shorter than one video frame (40 ms)."""
+
+
+class ImageFileError(SadTalkerError):
+    """The source portrait cannot be read as an image."""
+
+
+class VideoFileError(SadTalkerError):
+    """A reference video (eye blinks / head pose) cannot be read."""
+
+
+class NoFaceError(SadTalkerError):
+    """No face was found in the source portrait (or in the first frame of a reference video)."""
+
+
+class VideoEncodingError(SadTalkerError):
+    """ffmpeg failed to encode or mux the result video."""

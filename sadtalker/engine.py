@@ -1,0 +1,402 @@
+"""The talking-head engine: a portrait and a speech recording -> an MP4 of that face speaking.
+
+``TalkingHeadEngine.run`` chains the stages and reports them to ``on_progress(stage, done, total)``:
+
+1. ``preprocess``: face landmarks, the crop for the chosen mode, the photo's 3DMM coefficients
+   (and those of the reference videos, when given);
+2. ``audio2coeff``: decoding the audio, mel windows, expression and head pose per frame;
+3. ``render``: the face renderer, ``batch_size`` frames at a time;
+4. ``enhance``: the optional face restorer, frame by frame (after the full modes' paste-back, as the
+   reference);
+5. ``encode``: H.264 encoding as frames arrive, then muxing the audio.
+
+Rendering, enhancing and encoding are interleaved (frames stream from the renderer into ffmpeg), so
+memory does not grow with the clip's length; ``stage_seconds`` counts each stage's own time (plus
+``load`` for reading model files, 0 once they are cached). The networks are loaded on first use and
+kept on the engine. The video lands in ``outputs/talking-head/`` with a JSON sidecar of the parameters,
+both written atomically: a failure leaves no partial file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from sadtalker.errors import SadTalkerError
+
+if TYPE_CHECKING:
+    import torch
+
+    from sadtalker.checkpoints import SadTalkerModels
+    from sadtalker.networks.mapping import MappingNet
+    from sadtalker.preprocess import FaceLandmarker, PreparedFace
+    from sadtalker.render import FrameRenderer
+
+OUTPUT_FOLDER = "talking-head"
+STAGES = ("preprocess", "audio2coeff", "render", "enhance", "encode")
+MAX_SEED = 2**32 - 1
+
+ProgressCallback = Callable[[str, int, int], None]
+FrameEnhancer = Callable[[np.ndarray], np.ndarray]
+EnhancerLoader = Callable[[str], FrameEnhancer]
+
+
+class TalkingHeadRequest(BaseModel):
+    """One talking-head job; field names follow the reference's options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: Path = Field(description="The portrait (PNG/JPEG/WebP).")
+    audio: Path = Field(description="The speech (any format ffmpeg reads).")
+    pose_style: int = Field(0, ge=0, le=45, description="One of the 46 learned head-motion styles.")
+    size: Literal[256, 512] = Field(256, description="Face renderer resolution.")
+    preprocess: Literal["crop", "extcrop", "resize", "full", "extfull"] = "crop"
+    still: bool = Field(False, description="Keep the photo's head pose (little head motion).")
+    enhancer: Literal["gfpgan", "RestoreFormer"] | None = None
+    expression_scale: float = Field(1.0, ge=0.0, le=3.0, description="Strength of the mouth/face motion.")
+    ref_eyeblink: Path | None = Field(None, description="A video whose eye blinks are copied.")
+    ref_pose: Path | None = Field(None, description="A video whose head motion is copied.")
+    batch_size: int = Field(2, ge=1, le=64, description="Frames rendered at once.")
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 picks a random seed.")
+    input_yaw: list[float] | None = Field(None, min_length=1, description="Head yaw path in degrees.")
+    input_pitch: list[float] | None = Field(None, min_length=1, description="Head pitch path in degrees.")
+    input_roll: list[float] | None = Field(None, min_length=1, description="Head roll path in degrees.")
+
+
+@dataclass(frozen=True)
+class TalkingHeadResult:
+    path: Path
+    sidecar: Path
+    duration: float
+    frames: int
+    stage_seconds: dict[str, float]
+    seed: int
+
+
+class _StageClock:
+    """Accumulates seconds per stage; stages may be entered many times (interleaved streaming)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"load": 0.0, **dict.fromkeys(STAGES, 0.0)}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+
+
+class TalkingHeadEngine:
+    """Loads the SadTalker networks from ``models_dir/SadTalker`` once and renders requests with them."""
+
+    def __init__(
+        self,
+        models_dir: Path,
+        outputs_root: Path,
+        device: str | torch.device | None = None,
+        enhancer_loader: EnhancerLoader | None = None,
+    ) -> None:
+        import torch
+
+        self.models_dir = Path(models_dir)
+        self.outputs_root = Path(outputs_root)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._enhancer_loader = enhancer_loader
+        self._models: dict[int, SadTalkerModels] = {}
+        self._mappings: dict[str, MappingNet] = {}
+        self._landmarker: FaceLandmarker | None = None
+        self._load_lock = threading.Lock()
+
+    # --- models ---------------------------------------------------------------------------------
+
+    def models(self, size: int) -> SadTalkerModels:
+        """The five networks of ``SadTalker_V0.0.2_{size}.safetensors`` (loaded once)."""
+        from sadtalker.checkpoints import find_sadtalker_files, load_sadtalker_checkpoint
+
+        with self._load_lock:
+            if size not in self._models:
+                path = find_sadtalker_files(self.models_dir).checkpoint(size)
+                self._models[size] = load_sadtalker_checkpoint(path, size).to(self.device)
+            return self._models[size]
+
+    def mapping(self, preprocess: str) -> MappingNet:
+        """The mapping network for a preprocess mode (70 or 73 coefficients; loaded once)."""
+        from sadtalker.checkpoints import find_sadtalker_files, load_mapping, mapping_file_name
+
+        name = mapping_file_name(preprocess)
+        with self._load_lock:
+            if name not in self._mappings:
+                path = find_sadtalker_files(self.models_dir).mapping(preprocess)
+                self._mappings[name] = load_mapping(path).to(self.device)
+            return self._mappings[name]
+
+    def landmarker(self) -> FaceLandmarker:
+        from sadtalker.preprocess import create_landmarker
+
+        with self._load_lock:
+            if self._landmarker is None:
+                self._landmarker = create_landmarker(self.models_dir)
+            return self._landmarker
+
+    # --- the job ----------------------------------------------------------------------------------
+
+    def run(
+        self,
+        request: TalkingHeadRequest,
+        on_progress: ProgressCallback | None = None,
+        enhance: FrameEnhancer | None = None,
+    ) -> TalkingHeadResult:
+        """Render ``request`` to ``outputs/talking-head/<stamp>-<image>-<seed>.mp4`` (+ ``.json``).
+
+        ``enhance`` (RGB uint8 frame -> frame) overrides the engine's ``enhancer_loader`` for
+        ``request.enhancer``. Raises :class:`SadTalkerError` subclasses with user-facing messages.
+        """
+        from sadtalker.audio import speech_to_mel_windows
+        from sadtalker.audio_io import load_audio
+        from sadtalker.checkpoints import FULL_PREPROCESS_MODES
+        from sadtalker.coefficients import camera_angles, driving_coefficients, predict_coefficients
+        from sadtalker.preprocess import (
+            load_image,
+            output_frame_size,
+            prepare_face,
+            reference_video_coefficients,
+            source_coefficients,
+        )
+        from sadtalker.render import FrameRenderer, HeadAngles
+
+        report = on_progress or (lambda stage, done, total: None)
+        clock = _StageClock()
+        seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
+        enhancer = self._resolve_enhancer(request, enhance)
+        full_mode = request.preprocess in FULL_PREPROCESS_MODES
+
+        # The inputs are read before any model is loaded, so a wrong file fails at once.
+        with clock.stage("audio2coeff"):
+            audio = load_audio(request.audio)
+        frames = audio.frame_count
+        report("preprocess", 0, 1)
+        with clock.stage("preprocess"):
+            photo = load_image(request.image)
+
+        with clock.stage("load"):
+            models = self.models(request.size)
+            mapping = self.mapping(request.preprocess)
+            landmarker = self.landmarker()
+        with clock.stage("preprocess"):
+            face = prepare_face(photo, request.preprocess, request.size, landmarker)
+            source = source_coefficients(models.face_3drecon, face, self.device)
+            references: dict[Path, np.ndarray] = {}
+            for video in dict.fromkeys(path for path in (request.ref_eyeblink, request.ref_pose) if path):
+                references[video] = reference_video_coefficients(
+                    video, request.preprocess, landmarker, models.face_3drecon, self.device, max_frames=frames
+                )
+        report("preprocess", 1, 1)
+
+        report("audio2coeff", 0, 1)
+        with clock.stage("audio2coeff"):
+            predicted = predict_coefficients(
+                models,
+                speech_to_mel_windows(audio.samples),
+                source,
+                pose_style=request.pose_style,
+                seed=seed,
+                device=self.device,
+                ref_eyeblink=references.get(request.ref_eyeblink) if request.ref_eyeblink else None,
+                ref_pose=references.get(request.ref_pose) if request.ref_pose else None,
+            )
+            driving = driving_coefficients(
+                predicted,
+                source,
+                full_mode=full_mode,
+                expression_scale=request.expression_scale,
+                still=request.still,
+            )
+            angles = HeadAngles(
+                **{
+                    name: camera_angles(values, frames)
+                    for name in ("yaw", "pitch", "roll")
+                    if (values := getattr(request, f"input_{name}")) is not None
+                }
+            )
+        report("audio2coeff", 1, 1)
+
+        with clock.stage("render"):
+            renderer = FrameRenderer(
+                kp_extractor=models.kp_extractor,
+                generator=models.generator,
+                mapping=mapping,
+                source_image=face.image,
+                coefficients=driving,
+                device=self.device,
+                angles=angles,
+            )
+        width, height = output_frame_size(face)
+        return self._encode(
+            request=request,
+            seed=seed,
+            renderer=renderer,
+            finish=self._frame_finisher(face, photo, width, height),
+            enhancer=enhancer,
+            size=(width, height),
+            audio_path=Path(request.audio),
+            duration=audio.duration,
+            clock=clock,
+            report=report,
+            extra={"landmarks": landmarker.name, "device": str(self.device), "output_size": [width, height]},
+        )
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    def _resolve_enhancer(
+        self, request: TalkingHeadRequest, enhance: FrameEnhancer | None
+    ) -> FrameEnhancer | None:
+        if request.enhancer is None:
+            return None
+        if enhance is not None:
+            return enhance
+        if self._enhancer_loader is None:
+            raise SadTalkerError(
+                f"The face enhancer '{request.enhancer}' is not available in this build yet. "
+                "Run the talking head without an enhancer (enhancer: none)."
+            )
+        return self._enhancer_loader(request.enhancer)
+
+    @staticmethod
+    def _frame_finisher(
+        face: PreparedFace, photo: np.ndarray, width: int, height: int
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """Rendered face -> video frame: resized to the region's aspect ratio, or pasted into the photo."""
+        import cv2
+
+        from sadtalker.video import fit_frame, paste_into_photo
+
+        if face.mode in ("full", "extfull"):
+            region = face.region
+            return lambda frame: fit_frame(paste_into_photo(frame, photo, region), width, height)
+        if (width, height) == (face.size, face.size):
+            return lambda frame: frame
+        return lambda frame: cv2.resize(frame, (width, height))
+
+    def _output_paths(self, request: TalkingHeadRequest, seed: int) -> tuple[Path, Path]:
+        folder = self.outputs_root / OUTPUT_FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        stem_base = f"{datetime.now():%Y%m%d-%H%M%S}-{_safe_stem(Path(request.image).stem)}-{seed}"
+        stem, counter = stem_base, 1
+        while (folder / f"{stem}.mp4").exists() or (folder / f"{stem}.json").exists():
+            counter += 1
+            stem = f"{stem_base}-{counter}"
+        return folder / f"{stem}.mp4", folder / f"{stem}.json"
+
+    def _encode(
+        self,
+        *,
+        request: TalkingHeadRequest,
+        seed: int,
+        renderer: FrameRenderer,
+        finish: Callable[[np.ndarray], np.ndarray],
+        enhancer: FrameEnhancer | None,
+        size: tuple[int, int],
+        audio_path: Path,
+        duration: float,
+        clock: _StageClock,
+        report: ProgressCallback,
+        extra: dict[str, object],
+    ) -> TalkingHeadResult:
+        from pipelines.outputs import atomic_write_bytes
+        from sadtalker.video import H264Writer, discard, mux_audio, publish, temporary_path
+
+        total = renderer.frame_count
+        width, height = size
+        final_video, sidecar = self._output_paths(request, seed)
+        silent_video = temporary_path(final_video, "video.mp4")
+        muxed_video = temporary_path(final_video, "muxed.mp4")
+        done = {"render": 0, "enhance": 0, "encode": 0}
+        try:
+            with H264Writer(silent_video, width, height) as writer:
+
+                def sink(batch: np.ndarray, first_index: int) -> None:
+                    clock.seconds["render"] += time.perf_counter() - batch_started[0]
+                    done["render"] += len(batch)
+                    report("render", done["render"], total)
+                    for frame in batch:
+                        with clock.stage("render"):
+                            finished = finish(frame)
+                        if enhancer is not None:
+                            with clock.stage("enhance"):
+                                finished = _enhanced(enhancer, finished, width, height)
+                            done["enhance"] += 1
+                        with clock.stage("encode"):
+                            writer.write(finished)
+                        done["encode"] += 1
+                    if enhancer is not None:
+                        report("enhance", done["enhance"], total)
+                    report("encode", done["encode"], total)
+                    batch_started[0] = time.perf_counter()
+
+                batch_started = [time.perf_counter()]
+                report("render", 0, total)
+                renderer.render(sink, batch_size=request.batch_size)
+            with clock.stage("encode"):
+                mux_audio(silent_video, audio_path, muxed_video, duration)
+                discard(silent_video)
+                publish(muxed_video, final_video)
+            seconds = {name: round(value, 3) for name, value in clock.seconds.items()}
+            parameters = request.model_dump(mode="json") | {"seed": seed}
+            record = {
+                "parameters": parameters,
+                "video": final_video.name,
+                "frames": total,
+                "fps": 25,
+                "duration": duration,
+                "stage_seconds": seconds,
+                **extra,
+            }
+            try:
+                atomic_write_bytes(sidecar, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
+            except BaseException:
+                discard(final_video)
+                raise
+        except BaseException:
+            discard(silent_video, muxed_video)
+            raise
+        report("encode", total, total)
+        return TalkingHeadResult(
+            path=final_video,
+            sidecar=sidecar,
+            duration=duration,
+            frames=total,
+            stage_seconds=seconds,
+            seed=seed,
+        )
+
+
+def _enhanced(enhancer: FrameEnhancer, frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Run the enhancer on one frame and bring its answer back to the video's size and type."""
+    from sadtalker.video import fit_frame
+
+    result = np.asarray(enhancer(frame))
+    if result.ndim != 3 or result.shape[2] != 3 or result.dtype != np.uint8:
+        raise SadTalkerError(
+            f"The face enhancer returned a {result.dtype} array of shape {result.shape}; "
+            "it must return an RGB uint8 frame."
+        )
+    return fit_frame(result, width, height)
+
+
+def _safe_stem(stem: str) -> str:
+    """The image's name reduced to characters safe in file names on every OS (at most 40)."""
+    kept = "".join(character if character.isalnum() or character in "-_" else "_" for character in stem)
+    return kept[:40] or "image"
