@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from app.jobs.requests import parse_job_request
 from app.settings import StudioSettings
 from pipelines.errors import StudioError
 from pipelines.requests import REQUEST_TYPES, format_validation_error, parse_request
@@ -225,7 +226,7 @@ def run_batch(args: argparse.Namespace, settings: StudioSettings) -> int:
             payload = json.loads(line)
             if not isinstance(payload, dict):
                 raise ValueError("each line must be a JSON object")
-            request = parse_request(payload)
+            request = parse_job_request(payload)
         except json.JSONDecodeError as exc:
             summary.failed += 1
             summary.failures.append(f"line {number}: not valid JSON ({exc.msg} at column {exc.colno})")
@@ -337,6 +338,23 @@ def build_parser(
     xyz.add_argument("--mode", choices=list(REQUEST_TYPES), help="default: inferred from the flags")
     add_request_arguments(xyz)
 
+    talk = commands.add_parser("talk", parents=shared, help="talking head: portrait + speech -> MP4")
+    talk.add_argument("--image", required=True, type=Path, help="the portrait")
+    talk.add_argument("--audio", required=True, type=Path, help="the speech (wav, mp3, m4a, ...)")
+    talk.add_argument("--pose-style", type=int, help="head-motion style 0-45 (default 0)")
+    talk.add_argument("--size", type=int, choices=[256, 512], help="renderer resolution (default 256)")
+    talk.add_argument("--preprocess", choices=["crop", "extcrop", "resize", "full", "extfull"])
+    talk.add_argument("--still", action="store_true", default=None, help="little head motion")
+    talk.add_argument(
+        "--enhancer", choices=["gfpgan", "RestoreFormer"], help="restore the face in every frame"
+    )
+    talk.add_argument("--expression-scale", type=float, help="mouth/face motion strength (default 1)")
+    talk.add_argument("--ref-eyeblink", type=Path, help="video whose blinks are copied")
+    talk.add_argument("--ref-pose", type=Path, help="video whose head motion is copied")
+    talk.add_argument("--batch-size", type=int, help="frames rendered at once (default 2)")
+    talk.add_argument("--seed", type=int, help="-1 = random")
+    talk.add_argument("--out", type=Path, help="output folder (default: outputs/)")
+
     batch = commands.add_parser("batch", parents=shared, help="run a JSONL file of requests (resumable)")
     batch.add_argument("jobs", help="JSONL file: one request object per line")
     batch.add_argument("--out", type=Path, help="output folder (default: outputs/)")
@@ -419,9 +437,66 @@ def run_xyz(args: argparse.Namespace, settings: StudioSettings) -> int:
     return 0
 
 
+def run_talk(args: argparse.Namespace, settings: StudioSettings) -> int:
+    """Portrait + speech -> MP4, with a progress bar per stage."""
+    from tqdm import tqdm
+
+    from sadtalker.engine import TalkingHeadRequest
+    from sadtalker.errors import SadTalkerError
+
+    fields = {
+        "image": args.image,
+        "audio": args.audio,
+        "pose_style": args.pose_style,
+        "size": args.size,
+        "preprocess": args.preprocess,
+        "still": args.still,
+        "enhancer": args.enhancer,
+        "expression_scale": args.expression_scale,
+        "ref_eyeblink": args.ref_eyeblink,
+        "ref_pose": args.ref_pose,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+    }
+    try:
+        request = TalkingHeadRequest(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        print(f"error: invalid request:\n{format_validation_error(exc)}", file=sys.stderr)
+        return 2
+    services = _services(settings, args.out)
+    bars: dict[str, Any] = {}
+
+    def on_progress(event: Any) -> None:
+        if event.stage != "sampling" or not event.message:
+            return
+        bar = bars.get(event.message)
+        if bar is None:
+            for other in bars.values():
+                other.close()
+            bar = bars[event.message] = tqdm(total=event.steps, desc=event.message, unit="frame")
+        bar.total = event.steps
+        bar.n = event.step
+        bar.refresh()
+
+    try:
+        result = services.executor.execute(request, on_progress=on_progress)
+    except (SadTalkerError, StudioError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for bar in bars.values():
+            bar.close()
+    info = result.info()
+    timing = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in info["stage_seconds"].items())
+    print(f"{info['frames']} frames, {info['duration']:.2f}s, seed {info['seed']} ({timing})")
+    print(result.images[0].path)
+    return 0
+
+
 COMMANDS = {
     "generate": run_generate,
     "xyz": run_xyz,
+    "talk": run_talk,
     "batch": run_batch,
     "models": run_models,
     "download": run_download,

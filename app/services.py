@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 from app.jobs.executor import LocalExecutor
 from app.settings import StudioSettings
+from app.styles import StyleStore
+from app.talking_head import TalkingHeadService
 from pipelines.engine import EngineConfig, ImageEngine
 from pipelines.hashing import HashCache
 from pipelines.model_manager import ModelManager
@@ -25,6 +27,7 @@ class StudioServices:
     models: ModelManager
     engine: ImageEngine
     executor: LocalExecutor
+    styles: StyleStore
     _queue_started: bool = field(default=False, init=False)
 
     @cached_property
@@ -69,6 +72,15 @@ class StudioServices:
                 vae_dir=paths.folder("vae"),
             ),
         )
+        styles = StyleStore(settings.data_dir / "styles.csv")
+        talking_head = TalkingHeadService(
+            settings.models_dir, outputs_dir or settings.outputs_dir, image_engine=engine
+        )
         return cls(
-            settings=settings, registry=registry, models=models, engine=engine, executor=LocalExecutor(engine)
+            settings=settings,
+            registry=registry,
+            models=models,
+            engine=engine,
+            executor=LocalExecutor(engine, styles=styles, talking_head=talking_head),
+            styles=styles,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +48,14 @@ class StudioSettings(BaseSettings):
     compile: bool = False
     tf32: bool = True
 
+    # Web UI defaults (Settings tab); read when a page loads, so a change needs no restart.
+    default_sampler: str = Field("Euler a", description="Sampler the txt2img/img2img tabs start with.")
+    default_scheduler: str = Field("Automatic", description="Schedule type the tabs start with.")
+    live_preview: Literal["auto", "taesd", "cheap", "none"] = Field(
+        "auto", description="Live preview: TAESD when its weights are in models/VAE-approx, else cheap."
+    )
+    live_preview_every: int = Field(1, ge=1, le=100, description="Refresh the live preview every N steps.")
+
     listen: bool = False
     port: int = Field(7860, ge=1, le=65535)
     share: bool = False
@@ -54,6 +63,12 @@ class StudioSettings(BaseSettings):
     auth_file: Path | None = None
     api: bool = False
     nowebui: bool = False
+    api_auth: str | None = Field(
+        None, description="user:pass[,user2:pass2] for the REST API (HTTP Basic); defaults to --auth."
+    )
+    max_upload_mb: float = Field(
+        50.0, gt=0, le=4096, description="Largest request body (uploads, base64 images) accepted, in MB."
+    )
 
     @property
     def config_file(self) -> Path:
@@ -82,10 +97,25 @@ class StudioSettings(BaseSettings):
             overrides["tf32"] = False
         return overrides
 
-    def save(self) -> None:
-        """Persist the settings a user changed in the Settings tab (atomic write)."""
+    def save(self, only: Iterable[str] | None = None) -> None:
+        """Persist the settings a user changed in the Settings tab (atomic write).
+
+        ``only`` names the fields to write, merged into the existing file, so that command-line
+        flags of this run (``--port``, ``--auth``...) do not become permanent by accident.
+        """
         self.data_dir.mkdir(parents=True, exist_ok=True)
         data = self.model_dump(mode="json", exclude_defaults=True)
+        if only is not None:
+            names = set(only)
+            current: dict[str, Any] = {}
+            if self.config_file.is_file():
+                try:
+                    current = json.loads(self.config_file.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    current = {}
+            chosen = self.model_dump(mode="json", include=names)
+            data = {k: v for k, v in current.items() if k not in names}
+            data.update(chosen)
         temp = self.config_file.with_suffix(".json.tmp")
         temp.write_text(json.dumps(data, indent=2), encoding="utf-8")
         os.replace(temp, self.config_file)

@@ -138,6 +138,8 @@ class ImageEngine:
         self._applied: dict[int, str] = {}  # id(pipe) -> preset applied to it
         self._upscaler_cache: Any = None
         self._vae_cache: Any = None
+        self._controlnets: Any = None
+        self._lora_hashes: dict[Any, str] = {}
 
     @property
     def upscaler_cache(self) -> Any:
@@ -271,20 +273,88 @@ class ImageEngine:
 
     @contextmanager
     def _prompt_conditioning(self, job: _Job, pipe: Any) -> Iterator[Any]:
-        """Encode the prompts (A1111 emphasis, long prompts) for this job's batch size."""
+        """Apply the prompt's LoRAs and embeddings, encode the prompts (A1111 emphasis, long prompts)
+        for this job's batch, and take the networks off again when the job ends."""
         import torch
 
+        from pipelines.extra_networks import (
+            LORA_HASHES_KEY,
+            apply_loras,
+            load_embeddings_for_prompt,
+            lora_hashes,
+            remove_loras,
+            unload_embeddings,
+        )
         from pipelines.prompt_encoding import encode_prompts
         from pipelines.prompt_parser import strip_extra_networks
 
         request = job.request
         prompt, networks = strip_extra_networks(request.prompt)
-        if networks:
-            names = ", ".join(f"<{n.kind}:{n.name}>" for n in networks)
-            job.notes.append(f"extra networks are not applied yet and were removed from the prompt: {names}")
-        batch = request.batch_size
-        with torch.inference_mode():
-            yield encode_prompts(pipe, [prompt] * batch, [request.negative_prompt] * batch, request.clip_skip)
+        negative, negative_networks = strip_extra_networks(request.negative_prompt)
+        base = job.loaded.pipe
+        paths = self.models.registry.paths
+        applied = apply_loras(
+            base,
+            [*networks, *negative_networks],
+            lora_dir=paths.folder("lora"),
+            family=job.loaded.family,
+            hash_cache=self._lora_hashes,
+        )
+        tokens: list[str] = []
+        try:
+            job.notes.extend(applied.notes)
+            hashes = lora_hashes(applied)
+            if hashes:
+                job.extra_infotext[LORA_HASHES_KEY] = hashes
+            tokens = load_embeddings_for_prompt(
+                base, prompt, negative, paths.folder("embedding"), notes=job.notes
+            )
+            batch = request.batch_size
+            with torch.inference_mode():
+                embeds = encode_prompts(pipe, [prompt] * batch, [negative] * batch, request.clip_skip)
+            yield embeds
+        finally:
+            unload_embeddings(base, tokens)
+            remove_loras(base, applied)
+
+    def _control(self, job: _Job, pipe: Any, mode: str, width: int, height: int, fallback: Any = None) -> Any:
+        """ControlNet inputs for the request's enabled units, or None."""
+        units = [unit for unit in getattr(job.request, "controlnet_units", []) if unit.enabled]
+        if not units:
+            return None
+        from pipelines.controlnet import ControlNetCache, default_annotator_dirs, prepare_control_inputs
+
+        if self._controlnets is None:
+            self._controlnets = ControlNetCache(self.models.registry.paths.folder("controlnet"))
+        control = prepare_control_inputs(
+            units,
+            self._controlnets,
+            width=width,
+            height=height,
+            family=job.loaded.family,
+            annotator_dir=default_annotator_dirs(self._models_root()),
+            fallback_image=fallback,
+            device=pipe._execution_device,
+            dtype=pipe.unet.dtype,
+            classifier_free_guidance=job.request.cfg_scale > 1,
+        )
+        if control is not None:
+            for index, unit in enumerate(units):
+                job.extra_infotext[f"ControlNet {index}"] = (
+                    f"Module: {unit.module}, Model: {unit.model}, Weight: {unit.weight}, "
+                    f"Guidance Start: {unit.guidance_start}, Guidance End: {unit.guidance_end}"
+                )
+        return control
+
+    def _with_control(self, job: _Job, pipe: Any, control: Any, mode: str, preset: str | None) -> Any:
+        if control is None:
+            return pipe
+        from pipelines.controlnet import build_controlnet_pipeline
+
+        runner = build_controlnet_pipeline(pipe, control.controlnet, mode=mode)
+        runner.set_progress_bar_config(disable=True)
+        self._prepare_pipe(runner, job.loaded.family.base, preset, job.notes)
+        return runner
 
     def _save(self, job: _Job, image: Image.Image, seed: int, subseed: int, folder: str) -> SavedImage:
         from pipelines.outputs import dated_output_dir, save_image_atomically
@@ -344,8 +414,11 @@ class ImageEngine:
         self._prepare_pipe(pipe, job.loaded.family.base, preset, job.notes)
         saved: list[SavedImage] = []
         with self._prompt_conditioning(job, pipe) as embeds:
+            task = "inpaint" if job.loaded.family.variant == "inpaint" else "txt2img"
+            control = self._control(job, pipe, task, request.width, request.height)
+            runner = self._with_control(job, pipe, control, task, preset)
             for batch_index, seeds, subseeds in self._batches(job):
-                self._scheduler(job, pipe, seeds)
+                self._scheduler(job, runner, seeds)
                 noise = initial_noise(
                     seeds,
                     latent_shape(pipe, request.width, request.height),
@@ -365,8 +438,10 @@ class ImageEngine:
                     kwargs["eta"] = request.eta
                 if job.loaded.family.variant == "inpaint":
                     kwargs.update(_blank_inpaint_inputs(request.width, request.height, len(seeds)))
+                if control is not None:
+                    kwargs.update(control.pipeline_kwargs(task))
                 latents = denoise(
-                    pipe,
+                    runner,
                     kwargs,
                     steps=request.steps,
                     batch_index=batch_index,
@@ -539,8 +614,11 @@ class ImageEngine:
         width, height = plans[0].size
         if len({p.size for p in plans}) > 1:
             raise ValueError("init_images: all images of one batch must give the same processing size")
-        pipe = task_pipeline(job.loaded, "inpaint" if inpaint else "img2img")
+        task = "inpaint" if inpaint or job.loaded.family.variant == "inpaint" else "img2img"
+        pipe = task_pipeline(job.loaded, task)
         self._prepare_pipe(pipe, job.loaded.family.base, preset, job.notes)
+        control = self._control(job, pipe, task, width, height, fallback=plans[0].init)
+        pipe = self._with_control(job, pipe, control, task, preset)
         self._scheduler(job, pipe, seeds)
         strength = request.denoising_strength
         kwargs: dict[str, Any] = {
@@ -558,6 +636,8 @@ class ImageEngine:
             kwargs.update(mask_image=masks, height=height, width=width)
         if request.eta is not None:
             kwargs["eta"] = request.eta
+        if control is not None:
+            kwargs.update(control.pipeline_kwargs(task))
         steps = max(1, int(img2img_call_steps(request.steps, strength) * strength))
         latents = denoise(
             pipe,

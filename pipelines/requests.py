@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines.controlnet import ControlNetUnit
+
 MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1
 
@@ -58,6 +60,30 @@ class GenerationRequest(BaseModel):
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
     save_images: bool = True
+    controlnet_units: list[ControlNetUnit] = Field(
+        default_factory=list,
+        description="ControlNet units (also read from alwayson_scripts.ControlNet.args).",
+    )
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="A1111 extension arguments.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _controlnet_from_alwayson_scripts(cls, data: Any) -> Any:
+        """The ControlNet extension's API: ``alwayson_scripts: {"ControlNet": {"args": [unit, ...]}}``."""
+        if not isinstance(data, dict):
+            return data
+        scripts = data.get("alwayson_scripts") or {}
+        if not isinstance(scripts, dict):
+            return data
+        for name, value in scripts.items():
+            if (
+                str(name).lower() == "controlnet"
+                and isinstance(value, dict)
+                and not data.get("controlnet_units")
+            ):
+                units = value.get("args") or []
+                return {**data, "controlnet_units": [u for u in units if isinstance(u, dict)]}
+        return data
 
     @field_validator("width", "height")
     @classmethod

@@ -57,6 +57,7 @@ class TalkingHeadRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    mode: Literal["talking_head"] = "talking_head"  # routes the job in a queue shared with image jobs
     image: Path = Field(description="The portrait (PNG/JPEG/WebP).")
     audio: Path = Field(description="The speech (any format ffmpeg reads).")
     pose_style: int = Field(0, ge=0, le=45, description="One of the 46 learned head-motion styles.")

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.jobs.executor import Executor
+from app.jobs.requests import parse_job_request
 from app.jobs.store import FINISHED_STATES, JobRecord, JobStore
 from pipelines.errors import GenerationInterruptedError, StudioError
 from pipelines.job_control import JobControl, ProgressEvent
-from pipelines.requests import parse_request
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class JobQueue:
                 self._wake.notify_all()
 
         try:
-            request = parse_request(record.request)
+            request = parse_job_request(record.request)
             result = self.executor.execute(request, control=live.control, on_progress=on_progress)
             payload = {"images": [str(img.path) for img in result.images], "info": result.info()}
             self.store.finish(record.id, "done", result=payload)

@@ -1,0 +1,124 @@
+"""The talking-head engine as a studio service: built on first use, with the shared face
+restorers as its enhancers, and its results shaped like image jobs for the queue."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipelines.job_control import JobControl, ProgressCallback, ProgressEvent
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from sadtalker.engine import TalkingHeadEngine, TalkingHeadRequest, TalkingHeadResult
+
+ENHANCER_MODELS = {"gfpgan": "GFPGAN", "RestoreFormer": "RestoreFormer"}
+
+
+@dataclass(frozen=True)
+class VideoOutput:
+    path: Path
+    seed: int
+    subseed: int = 0
+    infotext: str = ""
+
+
+@dataclass
+class TalkingHeadJobResult:
+    """Quacks like ``GenerationResult`` for the queue and the API: ``images`` holds the video."""
+
+    result: TalkingHeadResult
+    request: TalkingHeadRequest
+    notes: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def images(self) -> list[VideoOutput]:
+        return [VideoOutput(path=self.result.path, seed=self.result.seed)]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "video": str(self.result.path),
+            "sidecar": str(self.result.sidecar),
+            "duration": self.result.duration,
+            "frames": self.result.frames,
+            "seed": self.result.seed,
+            "stage_seconds": self.result.stage_seconds,
+            "parameters": self.request.model_dump(mode="json"),
+            "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
+        }
+
+
+class TalkingHeadService:
+    def __init__(self, models_root: Path, outputs_root: Path, image_engine: Any = None) -> None:
+        self.models_root = models_root
+        self.outputs_root = outputs_root
+        self.image_engine = image_engine  # shares its face-restore model cache
+        self._engine: TalkingHeadEngine | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> TalkingHeadEngine:
+        with self._lock:
+            if self._engine is None:
+                from sadtalker.engine import TalkingHeadEngine
+
+                self._engine = TalkingHeadEngine(
+                    self.models_root, self.outputs_root, enhancer_loader=self._enhancer
+                )
+            return self._engine
+
+    def _enhancer(self, name: str) -> Any:
+        """A frame enhancer from the face-restore component the image modes use."""
+        import numpy as np
+        from PIL import Image
+
+        from pipelines.face_restore import restore_faces
+
+        model = ENHANCER_MODELS[name]
+
+        def enhance(frame: np.ndarray) -> np.ndarray:
+            restored = restore_faces(
+                Image.fromarray(frame),
+                model=model,
+                cache=self.image_engine.upscaler_cache if self.image_engine else None,
+                models_root=self.models_root,
+            )
+            return np.asarray(restored.image.convert("RGB"))
+
+        return enhance
+
+    def run(
+        self,
+        request: TalkingHeadRequest,
+        *,
+        control: JobControl | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> TalkingHeadJobResult:
+        stages = ("preprocess", "audio2coeff", "render", "enhance", "encode")
+
+        def report(stage: str, done: int, total: int) -> None:
+            if on_progress is None:
+                return
+            index = stages.index(stage) if stage in stages else 0
+            # One "batch" per stage so the overall fraction moves through the stages in order.
+            on_progress(
+                ProgressEvent(
+                    stage="sampling",
+                    step=done,
+                    steps=max(1, total),
+                    batch_index=index,
+                    batch_count=len(stages),
+                    message=stage,
+                )
+            )
+
+        result = self.engine.run(request, on_progress=report)
+        if on_progress:
+            on_progress(ProgressEvent(stage="saved", message=str(result.path)))
+            on_progress(ProgressEvent(stage="done"))
+        return TalkingHeadJobResult(result=result, request=request)
