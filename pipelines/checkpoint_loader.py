@@ -132,7 +132,12 @@ def _unet_and_vae_configs(
     family: ModelFamily, state_dict: Mapping[str, Any], original_config: Mapping[str, Any] | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     if original_config is None:
-        return _shipped(family, "unet"), _shipped(family, "vae")
+        unet = _shipped(family, "unet")
+        first_conv = state_dict.get("model.diffusion_model.input_blocks.0.0.weight")
+        if first_conv is not None and first_conv.ndim == 4:
+            # instruct-pix2pix (8) and other variants without a shipped config of their own
+            unet["in_channels"] = int(first_conv.shape[1])
+        return unet, _shipped(family, "vae")
     from diffusers.loaders.single_file_utils import (
         create_unet_diffusers_config_from_ldm,
         create_vae_diffusers_config_from_ldm,

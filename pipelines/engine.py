@@ -582,14 +582,15 @@ class ImageEngine:
         if request.subseed_strength > 0:
             job.notes.append("variation seeds apply to txt2img only; img2img noise comes from the seed alone")
         saved: list[SavedImage] = []
-        with self._prompt_conditioning(job, task_pipeline(job.loaded, "txt2img")) as embeds:
+        with self._prompt_conditioning(job, job.loaded.pipe) as embeds:
             for batch_index, seeds, subseeds in self._batches(job):
                 plans = [
                     plan_source(request, batch_index * len(seeds) + i, seed=s) for i, s in enumerate(seeds)
                 ]
                 for plan in plans:
                     job.notes.extend(n for n in plan.notes if n not in job.notes)
-                if all(p.empty_mask for p in plans) or strength <= 0:
+                no_op = strength <= 0 and job.loaded.family.variant != "edit"
+                if all(p.empty_mask for p in plans) or no_op:
                     results = [p.original if p.empty_mask or p.is_inpaint else p.init for p in plans]
                 else:
                     results = self._img2img_batch(job, plans, embeds, seeds, batch_index, preset, torch)
@@ -639,6 +640,13 @@ class ImageEngine:
         if control is not None:
             kwargs.update(control.pipeline_kwargs(task))
         steps = max(1, int(img2img_call_steps(request.steps, strength) * strength))
+        if job.loaded.family.variant == "edit":
+            # instruct-pix2pix conditions on the whole input image: no strength, an image CFG scale.
+            image_cfg = request.image_cfg_scale if request.image_cfg_scale is not None else 1.5
+            kwargs.pop("strength")
+            kwargs.update(num_inference_steps=request.steps, image_guidance_scale=image_cfg)
+            job.extra_infotext["Image CFG scale"] = image_cfg
+            steps = request.steps
         latents = denoise(
             pipe,
             kwargs,

@@ -45,6 +45,16 @@ def task_pipeline(loaded: LoadedCheckpoint, task: Task, *, controlnet: Any = Non
     """
     import diffusers
 
+    from pipelines.errors import StudioError
+
+    if loaded.family.variant == "edit":
+        if task != "img2img" or controlnet is not None:
+            raise StudioError(
+                f"{loaded.entry.filename} is an instruct-pix2pix model: it edits an input image. "
+                "Use img2img (without a mask or ControlNet), or pick another checkpoint."
+            )
+        loaded.pipe.set_progress_bar_config(disable=True)
+        return loaded.pipe
     if loaded.family.variant == "inpaint":
         task = "inpaint"
     base_task: Task = task
