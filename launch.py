@@ -88,6 +88,13 @@ def studio_flags() -> argparse.ArgumentParser:
     g.add_argument("--nowebui", action="store_true", default=s, help="serve the API only")
     g.add_argument("--auth", default=s, help="user:pass[,user2:pass2] required for the UI")
     g.add_argument("--auth-file", type=Path, default=s, help="file of user:pass lines")
+    g.add_argument(
+        "--api-auth", default=s, help="user:pass[,user2:pass2] for the REST API (HTTP Basic; default: --auth)"
+    )
+    g.add_argument("--max-upload-mb", type=float, default=s, help="largest request body in MB (default 50)")
+    g.add_argument(
+        "--max-queued-jobs", type=int, default=s, help="waiting jobs beyond this get HTTP 429 (default 100)"
+    )
     g.add_argument("--cli", action="store_true", default=s, help="never start the web UI (headless)")
     g.add_argument("--skip-venv", action="store_true", default=s, help="use the current Python as is")
     g.add_argument("--data-dir", type=Path, default=s, help="job store, caches, config.json (default data/)")
@@ -135,6 +142,9 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
         "nowebui": "nowebui",
         "auth": "auth",
         "auth_file": "auth_file",
+        "api_auth": "api_auth",
+        "max_upload_mb": "max_upload_mb",
+        "max_queued_jobs": "max_queued_jobs",
         "data_dir": "data_dir",
         "outputs_dir": "outputs_dir",
         "models_dir": "models_dir",

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def parse_credentials(auth: str | None, auth_file: Path | None = None) -> list[tuple[str, str]]:
-    """All ``(user, password)`` pairs; a malformed entry is an error naming it."""
+def parse_credentials(
+    auth: str | None, auth_file: Path | None = None, *, flag: str = "--auth"
+) -> list[tuple[str, str]]:
+    """All ``(user, password)`` pairs; a malformed entry is an error naming it (and ``flag``)."""
     entries: list[str] = []
     if auth:
         entries += [part for part in auth.split(",") if part.strip()]
@@ -17,6 +19,6 @@ def parse_credentials(auth: str | None, auth_file: Path | None = None) -> list[t
     for entry in entries:
         user, sep, password = entry.strip().partition(":")
         if not sep or not user or not password:
-            raise ValueError(f"--auth: '{entry.strip()}' is not of the form user:password")
+            raise ValueError(f"{flag}: '{entry.strip()}' is not of the form user:password")
         pairs.append((user, password))
     return pairs

@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+SECRET_FIELDS = ("auth", "api_auth")
+
 MemoryPresetName = Literal["auto", "high", "medvram", "lowvram", "cpu"]
 
 
@@ -116,6 +118,8 @@ class StudioSettings(BaseSettings):
             chosen = self.model_dump(mode="json", include=names)
             data = {k: v for k, v in current.items() if k not in names}
             data.update(chosen)
+        for secret in SECRET_FIELDS:  # passwords belong in --auth-file, never in config.json
+            data.pop(secret, None)
         temp = self.config_file.with_suffix(".json.tmp")
         temp.write_text(json.dumps(data, indent=2), encoding="utf-8")
         os.replace(temp, self.config_file)

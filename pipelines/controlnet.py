@@ -1121,7 +1121,7 @@ class ControlNetUnit(BaseModel):
 
     model_config = ConfigDict(extra="ignore", validate_assignment=True)
 
-    enabled: bool = Field(False, description="Units are off unless enabled (as in the extension).")
+    enabled: bool = Field(True, description="On unless disabled, as in the extension's API.")
     module: str = Field("none", description="Preprocessor, e.g. 'canny', 'depth_midas', 'none'.")
     model: str = Field("None", description="ControlNet model name from /controlnet/model_list.")
     weight: float = Field(1.0, ge=0.0, le=2.0, description="Control weight.")

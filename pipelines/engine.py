@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -135,7 +136,9 @@ class ImageEngine:
     def __init__(self, models: ModelManager, config: EngineConfig) -> None:
         self.models = models
         self.config = config
-        self._applied: dict[int, str] = {}  # id(pipe) -> preset applied to it
+        # pipeline -> preset applied to it; weak so an unloaded pipeline's entry cannot be mistaken
+        # for a new pipeline that happens to reuse its id()
+        self._applied: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._upscaler_cache: Any = None
         self._vae_cache: Any = None
         self._controlnets: Any = None
@@ -166,7 +169,7 @@ class ImageEngine:
         from pipelines.memory import apply_memory_options, resolve_device
 
         name, options = self.memory_options(preset, family)
-        key = id(pipe)
+        key = pipe
         if self._applied.get(key) != name:
             for line in apply_memory_options(pipe, options, resolve_device(options)):
                 log.info("%s", line)

@@ -7,6 +7,8 @@ objects (they serialise to JSON) and returns the same results.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from app.styles import StyleStore, apply_request_styles
@@ -39,6 +41,12 @@ class LocalExecutor:
         self.styles = styles
         self.talking_head = talking_head  # app.talking_head.TalkingHeadService, built lazily
         self._device_lock = threading.Lock()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the device between jobs (e.g. to switch the default model without racing a job)."""
+        with self._device_lock:
+            yield
 
     def execute(
         self,

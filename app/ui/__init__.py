@@ -1,20 +1,92 @@
-"""The Gradio UI: one module per tab, each exporting ``build(services)``."""
+"""The Gradio UI: one module per tab, each exporting ``build(services)``.
+
+Tabs, in A1111's order: txt2img, img2img, Extras, PNG Info, Talking head, Settings, Queue. The
+tabs share no per-user data: each keeps its own ``gr.State``; what they share is the studio
+(``services``: settings, models, the job queue). ``build_ui`` then connects the "send to"
+buttons between tabs.
+
+The Talking head tab comes from ``app/ui/talking_head_tab.py`` (written with the talking-head
+engine). Its ``build(services)`` may return an object with a ``source_image`` image component;
+"Send to talking head" buttons fill it. Until that module exists the tab says where it comes from.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from app.services import StudioServices
 
+TALKING_HEAD_MODULE = "app.ui.talking_head_tab"
+PUBLIC_ENDPOINTS = ("txt2img", "img2img", "extras")
+
+
+def _build_talking_head(services: StudioServices) -> Any:
+    """The talking-head tab when its module exists; its ``source_image`` (or None)."""
+    import gradio as gr
+
+    if importlib.util.find_spec(TALKING_HEAD_MODULE) is None:
+        gr.Markdown(
+            "### Talking head\nThe talking-head tab (a portrait and a speech recording in, a video of "
+            "that face speaking out) is added here by the talking-head engine's UI.",
+            elem_id="talking_head_placeholder",
+        )
+        return None
+    module = importlib.import_module(TALKING_HEAD_MODULE)
+    handle = module.build(services)
+    return getattr(handle, "source_image", None)
+
 
 def build_ui(services: StudioServices) -> Any:
     import gradio as gr
 
-    from app.ui import txt2img_tab
+    from app.ui import extras_tab, img2img_tab, png_info_tab, queue_tab, send_to, settings_tab, txt2img_tab
 
+    services.start_queue()
     with gr.Blocks(title="SD Studio") as demo:
-        gr.Markdown("# SD Studio")
-        with gr.Tab("txt2img"):
-            txt2img_tab.build(services)
+        pages: dict[str, Any] = {}
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img") as pages["txt2img"]:
+                txt2img = txt2img_tab.build(services)
+            with gr.Tab("img2img", id="img2img", elem_id="tab_img2img") as pages["img2img"]:
+                img2img = img2img_tab.build(services)
+            with gr.Tab("Extras", id="extras", elem_id="tab_extras") as pages["extras"]:
+                extras = extras_tab.build(services)
+            with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo") as pages["pnginfo"]:
+                png_info = png_info_tab.build(services)
+            with gr.Tab("Talking head", id="talking_head", elem_id="tab_talking_head") as pages[
+                "talking_head"
+            ]:
+                talking_head_image = _build_talking_head(services)
+            with gr.Tab("Settings", id="settings", elem_id="tab_settings") as pages["settings"]:
+                settings_tab.build(services)
+            with gr.Tab("Queue", id="queue", elem_id="tab_queue") as pages["queue"]:
+                queue = queue_tab.build(services)
+        targets = send_to.SendTargets(
+            tabs=tabs, txt2img=txt2img, img2img=img2img, extras=extras, talking_head_image=talking_head_image
+        )
+        send_to.wire(services, targets, png_info)
+        # the Queue tab refreshes itself only while it is open
+        quiet: dict[str, Any] = {"show_progress": "hidden", "concurrency_limit": None}
+        for name, page in pages.items():
+            opened = name == "queue"
+            page.select(
+                lambda auto, opened=opened: queue.on_tab_selected(opened, auto),
+                inputs=queue.auto,
+                outputs=queue.timer,
+                **quiet,
+            )
+        pages["queue"].select(queue.refresh_lists, outputs=queue.tables, **quiet)
+    hide_internal_endpoints(demo)
     return demo
+
+
+def hide_internal_endpoints(demo: Any) -> None:
+    """Keep only the generation events in Gradio's "Use via API" page; the rest (refresh
+    buttons, "send to", gallery selection...) are the page's plumbing, not an API. Programs
+    should use the REST API, which takes the same request models."""
+    for function in demo.fns.values():
+        if function.api_name not in PUBLIC_ENDPOINTS:
+            function.api_visibility = "private"

@@ -1,127 +1,174 @@
-"""txt2img tab: prompt, sampler and size controls with ranges read from ``Txt2ImgRequest``."""
+"""txt2img tab: prompts, styles, sampler, size, seed, batch, hires fix and ControlNet units.
+
+Generate queues a :class:`Txt2ImgRequest` for this user and streams the run into the results
+panel (progress, live preview, gallery, infotext).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+import gradio as gr
 
-from pipelines.errors import StudioError
-from pipelines.requests import Txt2ImgRequest, format_validation_error
+from app.ui import controlnet_units, download_panel, generation_controls, results_panel, styles_panel
+from app.ui.generation_controls import GenerationControls, field_range, slider
+from app.ui.job_runner import GPU_CONCURRENCY_ID, GPU_EVENT_LIMIT, JobRunner, TabSession
+from app.ui.previews import LatentPreviewer
+from app.ui.results_panel import ResultsPanel
+from pipelines.requests import RANDOM_SEED, Txt2ImgRequest
 
 if TYPE_CHECKING:
     from app.services import StudioServices
 
-
-def _bounds(field: str) -> dict[str, Any]:
-    """Slider min/max from the request model's Field(ge=..., le=...) constraints."""
-    info = Txt2ImgRequest.model_fields[field]
-    bounds: dict[str, Any] = {"value": info.default}
-    for item in info.metadata:
-        if hasattr(item, "ge"):
-            bounds["minimum"] = item.ge
-        if hasattr(item, "le"):
-            bounds["maximum"] = item.le
-    return bounds
-
-
-def _checkpoint_choices(services: StudioServices) -> list[str]:
-    return [entry.filename for entry in services.registry.checkpoints()]
+PREFIX = "txt2img"
+HIRES_FIELDS = (
+    "enable_hr",
+    "hr_upscaler",
+    "hr_second_pass_steps",
+    "denoising_strength",
+    "hr_scale",
+    "hr_resize_x",
+    "hr_resize_y",
+)
+DEFAULT_HIRES_DENOISING = 0.7
 
 
-def build(services: StudioServices) -> None:
-    import gradio as gr
+@dataclass
+class Txt2ImgTab:
+    controls: GenerationControls
+    panel: ResultsPanel
+    generate: Any
+    interrupt: Any
+    skip: Any
 
-    from app.ui import download_panel
-    from pipelines.registry import no_checkpoints_message
-    from pipelines.samplers import SAMPLER_NAMES, SCHEDULE_TYPES
 
-    choices = _checkpoint_choices(services)
+def hires_upscaler_choices(services: StudioServices) -> list[str]:
+    """Latent modes first (no model needed), then built-in and model upscalers, as in A1111."""
+    from pipelines.engine import LATENT_UPSCALE_MODES
+    from pipelines.upscalers import list_upscalers
+
+    names = list(LATENT_UPSCALE_MODES)
+    names += [info.name for info in list_upscalers(services.settings.models_dir) if info.name != "None"]
+    return names
+
+
+def make_runner(services: StudioServices) -> JobRunner:
+    return JobRunner(services, LatentPreviewer(services.registry.paths.folder("vae_approx")))
+
+
+def build_action_buttons(prefix: str) -> tuple[Any, Any, Any]:
+    generate = gr.Button("Generate", variant="primary", elem_id=f"{prefix}_generate", size="lg")
     with gr.Row():
-        model = gr.Dropdown(
-            choices=choices, value=choices[0] if choices else None, label="Stable Diffusion checkpoint"
-        )
-        refresh = gr.Button("🔄", scale=0)
-    no_models = gr.Markdown(
-        ""
-        if choices
-        else "```\n" + no_checkpoints_message(services.registry.paths.folder("checkpoint")) + "\n```",
-        visible=not choices,
-    )
-    prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a photo of an astronaut riding a horse")
-    negative = gr.Textbox(label="Negative prompt", lines=2)
-    with gr.Row():
-        sampler = gr.Dropdown(choices=list(SAMPLER_NAMES), value="Euler a", label="Sampling method")
-        scheduler = gr.Dropdown(choices=list(SCHEDULE_TYPES), value="Automatic", label="Schedule type")
-        steps = gr.Slider(label="Sampling steps", step=1, **{**_bounds("steps"), "value": 20})
-    with gr.Row():
-        width = gr.Slider(label="Width", step=8, minimum=64, maximum=2048, value=512)
-        height = gr.Slider(label="Height", step=8, minimum=64, maximum=2048, value=512)
-        cfg = gr.Slider(label="CFG Scale", step=0.5, **_bounds("cfg_scale"))
-    with gr.Row():
-        seed = gr.Number(label="Seed", value=-1, precision=0)
-        batch_count = gr.Slider(label="Batch count", step=1, minimum=1, maximum=100, value=1)
-        batch_size = gr.Slider(label="Batch size", step=1, minimum=1, maximum=8, value=1)
-    generate = gr.Button("Generate", variant="primary")
-    gallery = gr.Gallery(label="Output", columns=4, height="auto")
-    infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False)
+        interrupt = gr.Button("Interrupt", elem_id=f"{prefix}_interrupt", size="sm", variant="stop")
+        skip = gr.Button("Skip", elem_id=f"{prefix}_skip", size="sm")
+    return generate, interrupt, skip
 
-    def refresh_models() -> Any:
-        services.registry.refresh("checkpoint")
-        names = _checkpoint_choices(services)
-        return gr.Dropdown(choices=names, value=names[0] if names else None)
 
-    def run(data: dict[Any, Any], progress: gr.Progress = gr.Progress()) -> tuple[list[tuple[str, str]], str]:  # noqa: B008
-        try:
-            request = Txt2ImgRequest(
-                prompt=data[prompt],
-                negative_prompt=data[negative],
-                sampler_name=data[sampler],
-                scheduler=data[scheduler],
-                steps=int(data[steps]),
-                cfg_scale=float(data[cfg]),
-                width=int(data[width]),
-                height=int(data[height]),
-                seed=int(data[seed] if data[seed] is not None else -1),
-                n_iter=int(data[batch_count]),
-                batch_size=int(data[batch_size]),
-                override_settings={"sd_model_checkpoint": data[model]} if data[model] else {},
+def wire_run_controls(
+    runner: JobRunner, panel: ResultsPanel, controls: GenerationControls, interrupt: Any, skip: Any
+) -> None:
+    """Interrupt/Skip act on this session's jobs; ♻️ puts back the last seed."""
+
+    def do_interrupt(data: dict[Any, Any]) -> None:
+        runner.interrupt(data[panel.state])
+
+    def do_skip(data: dict[Any, Any]) -> None:
+        runner.skip(data[panel.state])
+
+    def reuse_seed(data: dict[Any, Any]) -> Any:
+        session: TabSession = data[panel.state]
+        chosen = session.selected_image()
+        seed = chosen.seed if chosen and chosen.seed is not None else session.last_seed
+        return RANDOM_SEED if seed is None else seed
+
+    quiet: dict[str, Any] = {"show_progress": "hidden", "concurrency_limit": None}
+    interrupt.click(do_interrupt, inputs={panel.state}, **quiet)
+    skip.click(do_skip, inputs={panel.state}, **quiet)
+    controls.reuse_seed.click(reuse_seed, inputs={panel.state}, outputs=controls.seed, **quiet)
+
+
+def build(services: StudioServices) -> Txt2ImgTab:
+    runner = make_runner(services)
+    checkpoint, vae, refresh = generation_controls.build_model_row(services, PREFIX)
+    generation_controls.build_no_models_notice(services)
+    with gr.Row():
+        with gr.Column(scale=5):
+            prompt, negative = generation_controls.build_prompts(PREFIX)
+        with gr.Column(scale=2, min_width=260):
+            generate, interrupt, skip = build_action_buttons(PREFIX)
+            styles = styles_panel.build(services, PREFIX, prompt, negative)
+    hires: dict[str, Any] = {}
+
+    def hires_controls() -> None:
+        with gr.Accordion("Hires. fix", open=False, elem_id=f"{PREFIX}_hires_fix"):
+            hires["enable_hr"] = gr.Checkbox(label="Hires. fix", value=False, elem_id=f"{PREFIX}_enable_hr")
+            with gr.Row():
+                hires["hr_upscaler"] = gr.Dropdown(
+                    choices=hires_upscaler_choices(services), value="Latent", label="Upscaler"
+                )
+                hires["hr_second_pass_steps"] = slider(
+                    Txt2ImgRequest, "hr_second_pass_steps", "Hires steps", step=1
+                )
+                hires["denoising_strength"] = gr.Slider(
+                    label="Denoising strength",
+                    step=0.01,
+                    value=DEFAULT_HIRES_DENOISING,
+                    **field_range(Txt2ImgRequest, "denoising_strength"),
+                )
+            with gr.Row():
+                hires["hr_scale"] = slider(Txt2ImgRequest, "hr_scale", "Upscale by", step=0.05)
+                hires["hr_resize_x"] = slider(Txt2ImgRequest, "hr_resize_x", "Resize width to", step=8)
+                hires["hr_resize_y"] = slider(Txt2ImgRequest, "hr_resize_y", "Resize height to", step=8)
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            controls = generation_controls.build_parameters(
+                services,
+                Txt2ImgRequest,
+                PREFIX,
+                checkpoint=checkpoint,
+                vae=vae,
+                refresh=refresh,
+                prompt=prompt,
+                negative_prompt=negative,
+                styles=styles,
+                extra=hires_controls,
             )
-        except ValidationError as exc:
-            raise gr.Error(format_validation_error(exc)) from None
+            controls.fields.update(hires)
+            controlnet = controlnet_units.build(
+                services, PREFIX, width=controls.width, height=controls.height
+            )
+            download_panel.build(
+                services,
+                after_download=lambda: gr.update(
+                    choices=generation_controls.checkpoint_choices(services),
+                    value=generation_controls.default_checkpoint_choice(services),
+                ),
+                refreshed=checkpoint,
+            )
+        with gr.Column(scale=1):
+            panel = results_panel.build(PREFIX)
 
-        def on_progress(event: Any) -> None:
-            if event.stage == "loading":
-                progress(0.0, desc=event.message or "Loading model...")
-            elif event.stage == "sampling":
-                progress(event.fraction, desc=f"Step {event.step}/{event.steps}")
+    def generate_images(data: dict[Any, Any], request: gr.Request) -> Any:
+        def build_requests() -> list[Any]:
+            values = controls.request_values(data)
+            if not values.get("enable_hr"):
+                for name in HIRES_FIELDS:
+                    values.pop(name, None)
+            values.update(controlnet.request_values(data, Txt2ImgRequest))
+            return [Txt2ImgRequest(**values)]
 
-        try:
-            result = services.executor.execute(request, on_progress=on_progress)
-        except StudioError as exc:
-            raise gr.Error(str(exc)) from None
-        images = [(str(img.path), f"seed {img.seed}") for img in result.images]
-        return images, result.images[0].infotext if result.images else ""
+        yield from panel.stream(runner, data[panel.state], build_requests, request)
 
-    refresh.click(refresh_models, outputs=model)
-    download_panel.build(services, after_download=refresh_models, refreshed=model)
     generate.click(
-        run,
-        inputs={
-            model,
-            prompt,
-            negative,
-            sampler,
-            scheduler,
-            steps,
-            cfg,
-            width,
-            height,
-            seed,
-            batch_count,
-            batch_size,
-        },
-        outputs=[gallery, infotext],
-        concurrency_id="gpu",
+        generate_images,
+        inputs={*controls.inputs, *controlnet.inputs, panel.state},
+        outputs=panel.outputs,
+        concurrency_id=GPU_CONCURRENCY_ID,
+        concurrency_limit=GPU_EVENT_LIMIT,
+        show_progress="hidden",
+        api_name="txt2img",
     )
-    _ = no_models
+    wire_run_controls(runner, panel, controls, interrupt, skip)
+    return Txt2ImgTab(controls=controls, panel=panel, generate=generate, interrupt=interrupt, skip=skip)

@@ -1,0 +1,153 @@
+"""Queue tab: this user's jobs (with their prompts) and the studio's queue (state and position
+only: other people's prompts and images are never shown)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from app.ui.job_runner import describe_status, job_owner
+
+if TYPE_CHECKING:
+    from app.jobs.queue import JobStatus
+    from app.services import StudioServices
+
+PREFIX = "queue"
+REFRESH_SECONDS = 2.0
+MY_COLUMNS = ["Job", "Kind", "State", "Position", "Progress", "Prompt", "Submitted"]
+STUDIO_COLUMNS = ["Position", "Kind", "State", "Progress", "Owner"]
+PROMPT_PREVIEW = 80
+
+
+def _progress(status: JobStatus) -> str:
+    if status.state in ("queued", "running"):
+        return f"{status.progress * 100:.0f}% {describe_status(status)}"
+    return describe_status(status)
+
+
+def my_jobs(services: StudioServices, owner: str, limit: int = 50) -> list[list[Any]]:
+    queue = services.queue
+    records = {record.id: record for record in queue.store.list(owner=owner, limit=limit)}
+    rows = []
+    for status in queue.list(owner=owner, limit=limit):
+        record = records.get(status.id)
+        request = record.request if record else {}
+        prompt = str(request.get("prompt", "") or "")
+        if len(prompt) > PROMPT_PREVIEW:
+            prompt = prompt[: PROMPT_PREVIEW - 1] + "…"
+        submitted = time.strftime("%H:%M:%S", time.localtime(record.created)) if record else ""
+        rows.append(
+            [
+                status.id[:8],
+                status.kind,
+                status.state,
+                status.position or "",
+                _progress(status),
+                prompt,
+                submitted,
+            ]
+        )
+    return rows
+
+
+def studio_queue(services: StudioServices, owner: str, limit: int = 200) -> list[list[Any]]:
+    """Running and waiting jobs of everyone, in run order; owners other than you stay anonymous."""
+    active = [s for s in services.queue.list(limit=limit) if s.state in ("queued", "running")]
+    active.sort(key=lambda s: (s.state != "running", s.position or 0))
+    return [
+        [
+            "running" if s.state == "running" else s.position,
+            s.kind,
+            s.state,
+            _progress(s),
+            "you" if s.owner == owner else "another user",
+        ]
+        for s in active
+    ]
+
+
+def cancellable(services: StudioServices, owner: str) -> list[tuple[str, str]]:
+    return [
+        (f"{s.id[:8]} {s.kind} ({s.state})", s.id)
+        for s in services.queue.list(owner=owner, limit=50)
+        if s.state in ("queued", "running")
+    ]
+
+
+@dataclass
+class QueueTab:
+    timer: Any  # ticks only while the Queue tab is open (see ``on_tab_selected``)
+    auto: Any
+    refresh: Any
+    tables: list[Any]  # [your jobs, studio queue]
+    refresh_lists: Callable[..., tuple[Any, Any]]  # event handler filling ``tables``
+
+    def on_tab_selected(self, selected: bool, auto_refresh: bool) -> Any:
+        return gr.Timer(active=selected and bool(auto_refresh))
+
+
+def build(services: StudioServices) -> QueueTab:
+    gr.Markdown(
+        "Jobs run one at a time per GPU, taking turns between users. "
+        "Your jobs are listed with their prompts; the studio queue shows everyone's jobs anonymously."
+    )
+    with gr.Row():
+        refresh = gr.Button("🔄 Refresh", elem_id=f"{PREFIX}_refresh", scale=0, min_width=120)
+        auto = gr.Checkbox(label="Refresh every 2 seconds", value=True, elem_id=f"{PREFIX}_auto", scale=0)
+    gr.Markdown("### Your jobs")
+    mine = gr.Dataframe(
+        headers=MY_COLUMNS,
+        value=[],
+        interactive=False,
+        wrap=True,
+        elem_id=f"{PREFIX}_mine",
+    )
+    with gr.Row():
+        to_cancel = gr.Dropdown(
+            choices=[], label="Your waiting or running job", elem_id=f"{PREFIX}_cancel_choice"
+        )
+        cancel = gr.Button("Cancel job", variant="stop", elem_id=f"{PREFIX}_cancel", scale=0, min_width=120)
+    gr.Markdown("### Studio queue")
+    studio = gr.Dataframe(
+        headers=STUDIO_COLUMNS,
+        value=[],
+        interactive=False,
+        elem_id=f"{PREFIX}_studio",
+    )
+    timer = gr.Timer(REFRESH_SECONDS, active=False)
+
+    def refresh_tables(request: gr.Request) -> tuple[Any, Any, Any]:
+        owner = job_owner(request)
+        services.start_queue()
+        choices = cancellable(services, owner)
+        return (
+            gr.update(value=my_jobs(services, owner)),
+            gr.update(value=studio_queue(services, owner)),
+            gr.update(choices=choices, value=choices[0][1] if choices else None),
+        )
+
+    def refresh_lists(request: gr.Request) -> tuple[Any, Any]:
+        owner = job_owner(request)
+        return gr.update(value=my_jobs(services, owner)), gr.update(value=studio_queue(services, owner))
+
+    def cancel_job(job_id: str | None, request: gr.Request) -> tuple[Any, Any, Any]:
+        owner = job_owner(request)
+        status = services.queue.status(job_id) if job_id else None
+        if status is None or status.owner != owner:
+            raise gr.Error("Pick one of your waiting or running jobs to cancel.", print_exception=False)
+        services.queue.cancel(job_id)
+        return refresh_tables(request)
+
+    quiet: dict[str, Any] = {"show_progress": "hidden", "concurrency_limit": None}
+    outputs = [mine, studio, to_cancel]
+    refresh.click(refresh_tables, outputs=outputs, **quiet)
+    timer.tick(refresh_lists, outputs=[mine, studio], **quiet)
+    cancel.click(cancel_job, inputs=to_cancel, outputs=outputs, **quiet)
+    auto.change(lambda on: gr.Timer(active=on), inputs=auto, outputs=timer, queue=False)
+    return QueueTab(
+        timer=timer, auto=auto, refresh=refresh, tables=[mine, studio], refresh_lists=refresh_lists
+    )

@@ -1,0 +1,131 @@
+"""The studio as users meet it: ``launch.py`` in a subprocess over the tiny models, with two
+accounts (one from ``--auth``, one from ``--auth-file``), driven by Debian's headless Chromium."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts" / "ui"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+USERS = {"alice": "wonderland", "bob": "builder"}
+
+
+@dataclass(frozen=True)
+class RunningStudio:
+    url: str
+    work: Path
+    log: Path
+
+    @property
+    def outputs(self) -> Path:
+        return self.work / "outputs"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_until_up(url: str, process: subprocess.Popen, limit: float = 180.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the studio exited during startup"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            # wait 0.2 s between attempts, noticing at once if the server dies
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=0.2)
+    raise AssertionError(f"{url} did not answer within {limit}s")
+
+
+@pytest.fixture(scope="module")
+def studio_server(
+    tiny_models_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningStudio]:
+    work = tmp_path_factory.mktemp("ui-server")
+    (work / "users.txt").write_text("bob:builder\n", encoding="utf-8")
+    port = _free_port()
+    log_path = work / "server.log"
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "launch.py",
+            "--port",
+            str(port),
+            "--models-dir",
+            str(tiny_models_root),
+            "--data-dir",
+            str(work / "data"),
+            "--outputs-dir",
+            str(work / "outputs"),
+            "--ckpt",
+            "tiny-sd1",
+            "--auth",
+            "alice:wonderland",
+            "--auth-file",
+            str(work / "users.txt"),
+        ],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "SDSTUDIO_SKIP_VENV": "1",
+            "HF_HUB_OFFLINE": "1",
+            "GRADIO_ANALYTICS_ENABLED": "False",
+        },
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_up(url, process)
+        yield RunningStudio(url=url, work=work, log=log_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
