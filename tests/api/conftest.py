@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,13 @@ from typing import Any
 import pytest
 import requests
 
+from tests.server_process import free_port
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 API_USERS = {"alice": "alice-secret", "bob": "bob-secret"}
 UI_USER = ("painter", "ui-secret")
 STARTUP_LIMIT = 240.0
 SMALL = {"width": 64, "height": 64, "steps": 2}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -3,18 +3,16 @@ accounts (one from ``--auth``, one from ``--auth-file``), driven by Debian's hea
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.server_process import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
@@ -41,34 +39,13 @@ class RunningStudio:
         return self.work / "outputs"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_until_up(url: str, process: subprocess.Popen, limit: float = 180.0) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the studio exited during startup"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            # wait 0.2 s between attempts, noticing at once if the server dies
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=0.2)
-    raise AssertionError(f"{url} did not answer within {limit}s")
-
-
 @pytest.fixture(scope="module")
 def studio_server(
     tiny_models_root: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningStudio]:
     work = tmp_path_factory.mktemp("ui-server")
     (work / "users.txt").write_text("bob:builder\n", encoding="utf-8")
-    port = _free_port()
+    port = free_port()
     log_path = work / "server.log"
     log = log_path.open("w")
     process = subprocess.Popen(
@@ -102,7 +79,7 @@ def studio_server(
     )
     url = f"http://127.0.0.1:{port}/"
     try:
-        _wait_until_up(url, process)
+        wait_until_up(url, process)
         yield RunningStudio(url=url, work=work, log=log_path)
     finally:
         process.terminate()
