@@ -458,7 +458,8 @@ def test_unit_accepts_the_extension_spellings() -> None:
         "Just Resize",
         "My prompt is more important",
     )
-    assert unit.guidance_end == 0.7 and unit.low_vram and not unit.enabled
+    assert unit.guidance_end == 0.7 and unit.low_vram
+    assert unit.enabled  # the extension's API units are on unless "enabled": false is sent
     assert ControlNetUnit(resize_mode="Inner Fit (Scale to Fit)").resize_mode == "Crop and Resize"
 
 
