@@ -216,8 +216,10 @@ class ImageEngine:
             if on_progress:
                 on_progress(ProgressEvent(stage="loading", message=message))
 
+        # A1111: a per-job model choice is temporary unless override_settings_restore_afterwards=False
+        restore = bool(request.checkpoint) and request.override_settings_restore_afterwards
         with (
-            self.models.use(request.checkpoint, status=status) as loaded,
+            self.models.use(request.checkpoint, status=status, restore_current=restore) as loaded,
             self._vae_for(request, loaded) as vae,
         ):
             job = _Job(request=request, loaded=loaded, control=control, on_progress=on_progress, notes=notes)

@@ -115,9 +115,16 @@ class ModelManager:
 
     @contextmanager
     def use(
-        self, query: str | None = None, *, status: StatusCallback | None = None
+        self, query: str | None = None, *, status: StatusCallback | None = None, restore_current: bool = False
     ) -> Iterator[LoadedCheckpoint]:
-        """Pin a model for the duration of a job so eviction cannot pull it away."""
+        """Pin a model for the duration of a job so eviction cannot pull it away.
+
+        ``restore_current`` makes a per-job model choice temporary (A1111's
+        ``override_settings_restore_afterwards``): the model that was current before the job is
+        current again afterwards; the job's model stays cached for a quick switch back.
+        """
+        with self._lock:
+            previous = self._current
         loaded = self.load(query, status=status)
         key = _Key(str(loaded.entry.path), loaded.entry.mtime)
         with self._lock:
@@ -129,6 +136,8 @@ class ModelManager:
                 self._pins[key] -= 1
                 if not self._pins[key]:
                     del self._pins[key]
+                if restore_current and previous is not None and previous in self._cache:
+                    self._current = previous
                 self._evict()
 
     def unload_all(self) -> None:

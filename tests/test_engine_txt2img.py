@@ -222,3 +222,22 @@ def test_skip_moves_to_next_batch(studio) -> None:
         Txt2ImgRequest(prompt="x", seed=1, n_iter=2, **SMALL), control=control, on_progress=on_progress
     )
     assert [img.seed for img in result.images] == [2]
+
+
+def test_per_job_checkpoint_is_restored_afterwards_like_a1111(studio) -> None:
+    studio.models.load("tiny-sd1")
+    other = studio.engine.txt2img(
+        Txt2ImgRequest(prompt="x", **SMALL, override_settings={"sd_model_checkpoint": "tiny-sdxl"})
+    )
+    assert "Model: tiny-sdxl" in other.images[0].infotext
+    after = studio.engine.txt2img(Txt2ImgRequest(prompt="x", **SMALL))
+    assert "Model: tiny-sd1," in after.images[0].infotext
+    kept = Txt2ImgRequest(
+        prompt="x",
+        **SMALL,
+        override_settings={"sd_model_checkpoint": "tiny-sdxl"},
+        override_settings_restore_afterwards=False,
+    )
+    studio.engine.txt2img(kept)
+    assert studio.models.current.entry.name == "tiny-sdxl"
+    studio.models.load("tiny-sd1")

@@ -66,3 +66,15 @@ def test_pinned_model_is_not_evicted(setup: tuple[ModelManager, CountingLoader])
         manager.load("c")
         assert "a" in {m.entry.name for m in manager.loaded()}
     assert len(manager.loaded()) == 2
+
+
+def test_per_job_model_choice_can_be_temporary(setup: tuple[ModelManager, CountingLoader]) -> None:
+    manager, loader = setup
+    manager.load("a")
+    with manager.use("b", restore_current=True) as loaded:
+        assert loaded.entry.name == "b"
+    assert manager.current.entry.name == "a"
+    with manager.use("c"):
+        pass
+    assert manager.current.entry.name == "c"
+    assert loader.calls == ["a", "b", "c"]
