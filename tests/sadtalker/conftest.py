@@ -58,3 +58,24 @@ def speech_wav(media_dir: Path) -> Path:
     path = media_dir / "speech.wav"
     subprocess.run(["espeak-ng", "-s", "200", "-w", str(path), SPEECH_TEXT], check=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def engine(sadtalker_models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> object:
+    """An engine with every real network except the face generator (the cheap stand-in)."""
+    from sadtalker.engine import TalkingHeadEngine
+    from tests.sadtalker.helpers import CheapGenerator
+
+    engine = TalkingHeadEngine(sadtalker_models_root, tmp_path_factory.mktemp("outputs"), device="cpu")
+    engine.models(256).generator = CheapGenerator()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def odd_photo(astronaut_png: Path, media_dir: Path) -> Path:
+    """A 481 x 401 (odd, not square) cut of the astronaut photo."""
+    import cv2
+
+    path = media_dir / "astronaut_481x401.png"
+    cv2.imwrite(str(path), cv2.imread(str(astronaut_png))[:401, :481])
+    return path

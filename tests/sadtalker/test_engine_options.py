@@ -16,22 +16,7 @@ import pytest
 from sadtalker.engine import TalkingHeadEngine, TalkingHeadRequest
 from sadtalker.errors import SadTalkerError
 from sadtalker.video import H264Writer
-from tests.sadtalker.helpers import CheapGenerator, decode_frames, probe, write_wav
-
-
-@pytest.fixture(scope="module")
-def engine(sadtalker_models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> TalkingHeadEngine:
-    engine = TalkingHeadEngine(sadtalker_models_root, tmp_path_factory.mktemp("outputs"), device="cpu")
-    engine.models(256).generator = CheapGenerator()
-    return engine
-
-
-@pytest.fixture(scope="module")
-def odd_photo(astronaut_png: Path, media_dir: Path) -> Path:
-    """A 481 x 401 (odd, not square) cut of the astronaut photo."""
-    path = media_dir / "astronaut_481x401.png"
-    cv2.imwrite(str(path), cv2.imread(str(astronaut_png))[:401, :481])
-    return path
+from tests.sadtalker.helpers import decode_frames, probe, write_wav
 
 
 @pytest.fixture(scope="module")
