@@ -67,6 +67,8 @@ ANNOTATOR_FOLDER = "annotators"
 
 ResizeModeName = Literal["Just Resize", "Crop and Resize", "Resize and Fill"]
 ControlModeName = Literal["Balanced", "My prompt is more important", "ControlNet is more important"]
+HiresOptionName = Literal["Both", "Low res only", "High res only"]
+HIRES_OPTIONS: tuple[HiresOptionName, ...] = ("Both", "Low res only", "High res only")
 RESIZE_MODES: tuple[ResizeModeName, ...] = ("Just Resize", "Crop and Resize", "Resize and Fill")
 CONTROL_MODES: tuple[ControlModeName, ...] = (
     "Balanced",
@@ -1137,6 +1139,9 @@ class ControlNetUnit(BaseModel):
     )
     control_mode: ControlModeName = Field("Balanced", description="Balance between prompt and control.")
     pixel_perfect: bool = Field(False, description="Pick processor_res from the image and target size.")
+    hr_option: HiresOptionName = Field(
+        "Both", description="With hires fix: control the first pass, the second pass, or both."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -1191,6 +1196,25 @@ class ControlNetUnit(BaseModel):
                 f"{value} is not a control mode; use 0 (Balanced), 1 (My prompt), 2 (ControlNet)"
             )
         return value
+
+    @field_validator("hr_option", mode="before")
+    @classmethod
+    def _hr_option(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(HIRES_OPTIONS):
+            return HIRES_OPTIONS[value]
+        return value
+
+    def applies_to_pass(self, hires_pass: bool, *, hires_enabled: bool) -> bool:
+        """Whether this unit controls the first pass or (``hires_pass``) the hires-fix second pass.
+
+        Without hires fix every enabled unit controls the single pass, whatever ``hr_option`` says.
+        """
+        if not self.enabled:
+            return False
+        if not hires_enabled:
+            return True
+        excluded = "Low res only" if hires_pass else "High res only"
+        return self.hr_option != excluded
 
     @field_validator("guidance_end")
     @classmethod

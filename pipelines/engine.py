@@ -322,9 +322,24 @@ class ImageEngine:
             unload_embeddings(base, tokens)
             remove_loras(base, applied)
 
-    def _control(self, job: _Job, pipe: Any, mode: str, width: int, height: int, fallback: Any = None) -> Any:
-        """ControlNet inputs for the request's enabled units, or None."""
-        units = [unit for unit in getattr(job.request, "controlnet_units", []) if unit.enabled]
+    def _control(
+        self,
+        job: _Job,
+        pipe: Any,
+        mode: str,
+        width: int,
+        height: int,
+        fallback: Any = None,
+        *,
+        hires_pass: bool = False,
+    ) -> Any:
+        """ControlNet inputs for the request's enabled units of this pass (first or hires), or None."""
+        hires_enabled = bool(getattr(job.request, "enable_hr", False))
+        units = [
+            unit
+            for unit in getattr(job.request, "controlnet_units", [])
+            if unit.applies_to_pass(hires_pass, hires_enabled=hires_enabled)
+        ]
         if not units:
             return None
         from pipelines.controlnet import ControlNetCache, default_annotator_dirs, prepare_control_inputs
@@ -345,10 +360,13 @@ class ImageEngine:
         )
         if control is not None:
             for index, unit in enumerate(units):
-                job.extra_infotext[f"ControlNet {index}"] = (
+                text = (
                     f"Module: {unit.module}, Model: {unit.model}, Weight: {unit.weight}, "
                     f"Guidance Start: {unit.guidance_start}, Guidance End: {unit.guidance_end}"
                 )
+                if hires_enabled:
+                    text += f", Hr Option: {unit.hr_option}"
+                job.extra_infotext[f"ControlNet {index}"] = text
         return control
 
     def _with_control(self, job: _Job, pipe: Any, control: Any, mode: str, preset: str | None) -> Any:
@@ -511,9 +529,12 @@ class ImageEngine:
             init = [self._upscale(image, upscaler, target_w, target_h) for image in first]
         second = task_pipeline(job.loaded, "img2img")
         self._prepare_pipe(second, job.loaded.family.base, preset, job.notes)
-        self._scheduler(job, second, seeds)
         if strength <= 0:
             return init if not hasattr(init, "shape") else decode_latents(second, init, job.notes)
+        task = "inpaint" if job.loaded.family.variant == "inpaint" else "img2img"
+        control = self._control(job, second, task, target_w, target_h, hires_pass=True)
+        runner = self._with_control(job, second, control, task, preset)
+        self._scheduler(job, runner, seeds)
         steps = img2img_call_steps(steps, strength)
         kwargs: dict[str, Any] = {
             **embeds.as_pipeline_kwargs(),
@@ -526,8 +547,10 @@ class ImageEngine:
         if job.loaded.family.variant == "inpaint":
             kwargs.update(_blank_inpaint_inputs(target_w, target_h, len(seeds)))
             kwargs["height"], kwargs["width"] = target_h, target_w
+        if control is not None:
+            kwargs.update(control.pipeline_kwargs(task))
         result = denoise(
-            second,
+            runner,
             kwargs,
             steps=max(1, int(steps * strength)),
             batch_index=batch_index,
@@ -584,8 +607,8 @@ class ImageEngine:
         ):
             # Full strength discards the input: sample from the seed's noise exactly as txt2img does.
             return self._txt2img(job, preset, folder="img2img")
-        if request.subseed_strength > 0:
-            job.notes.append("variation seeds apply to txt2img only; img2img noise comes from the seed alone")
+        if request.subseed_strength > 0 and job.loaded.family.variant == "edit":
+            job.notes.append("variation seeds do not apply to instruct-pix2pix models; only the seed is used")
         saved: list[SavedImage] = []
         with self._prompt_conditioning(job, job.loaded.pipe) as embeds:
             for batch_index, seeds, subseeds in self._batches(job):
@@ -596,9 +619,11 @@ class ImageEngine:
                     job.notes.extend(n for n in plan.notes if n not in job.notes)
                 no_op = strength <= 0 and job.loaded.family.variant != "edit"
                 if all(p.empty_mask for p in plans) or no_op:
-                    results = [p.original if p.empty_mask or p.is_inpaint else p.init for p in plans]
+                    results = [_unchanged_result(p) for p in plans]
                 else:
-                    results = self._img2img_batch(job, plans, embeds, seeds, batch_index, preset, torch)
+                    results = self._img2img_batch(
+                        job, plans, embeds, seeds, subseeds, batch_index, preset, torch
+                    )
                     if results is None:
                         continue
                 for i, image in enumerate(results):
@@ -611,10 +636,14 @@ class ImageEngine:
         plans: list[Any],
         embeds: Any,
         seeds: list[int],
+        subseeds: list[int],
         batch_index: int,
         preset: str | None,
         torch: Any,
     ) -> list[Image.Image] | None:
+        from pipelines.noise import initial_noise, variation_noise
+        from pipelines.sampling import encode_to_latents, latent_shape
+
         request: Img2ImgRequest = job.request
         inpaint = plans[0].is_inpaint
         width, height = plans[0].size
@@ -627,9 +656,13 @@ class ImageEngine:
         pipe = self._with_control(job, pipe, control, task, preset)
         self._scheduler(job, pipe, seeds)
         strength = request.denoising_strength
+        init: Any = [p.init for p in plans]
+        if task == "img2img" and plans[0].latent_upscale and job.loaded.family.variant == "normal":
+            init = encode_to_latents(pipe, init, width=width, height=height)
+            job.extra_infotext["Resize mode"] = "Just resize (latent upscale)"
         kwargs: dict[str, Any] = {
             **embeds.as_pipeline_kwargs(),
-            "image": [p.init for p in plans],
+            "image": init,
             "strength": strength,
             "num_inference_steps": img2img_call_steps(request.steps, strength),
             "guidance_scale": request.cfg_scale,
@@ -652,15 +685,24 @@ class ImageEngine:
             kwargs.update(num_inference_steps=request.steps, image_guidance_scale=image_cfg)
             job.extra_infotext["Image CFG scale"] = image_cfg
             steps = request.steps
-        latents = denoise(
-            pipe,
-            kwargs,
-            steps=steps,
-            batch_index=batch_index,
-            batch_count=request.n_iter,
-            control=job.control,
-            on_progress=job.on_progress,
-        )
+        variation = request.subseed_strength if job.loaded.family.variant != "edit" else 0.0
+        if variation > 0 and task == "inpaint" and strength >= 1:
+            # Full-strength inpainting starts from pure noise, which the pipeline takes as latents.
+            noise = initial_noise(
+                seeds, latent_shape(pipe, width, height), subseeds=subseeds, subseed_strength=variation
+            )
+            kwargs["latents"] = noise.to(device=pipe._execution_device, dtype=pipe.unet.dtype)
+            variation = 0.0
+        with variation_noise(pipe.scheduler, subseeds, variation):
+            latents = denoise(
+                pipe,
+                kwargs,
+                steps=steps,
+                batch_index=batch_index,
+                batch_count=request.n_iter,
+                control=job.control,
+                on_progress=job.on_progress,
+            )
         if latents is None:
             return None
         self._decoding(job, batch_index)
@@ -790,6 +832,17 @@ def hires_size(request: Txt2ImgRequest) -> tuple[int, int]:
     else:
         width, height = round(request.width * request.hr_scale), round(request.height * request.hr_scale)
     return width // 8 * 8, height // 8 * 8
+
+
+def _unchanged_result(plan: Any) -> Image.Image:
+    """What a job that changes nothing (strength 0, empty mask) returns for one source."""
+    if plan.empty_mask or plan.is_inpaint:
+        return plan.original
+    if plan.latent_upscale and plan.init.size != plan.size:
+        from PIL import Image as PILImage
+
+        return plan.init.resize(plan.size, PILImage.Resampling.LANCZOS)
+    return plan.init
 
 
 def _blank_inpaint_inputs(width: int, height: int, count: int) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from pipelines.image_ops import (
 )
 from pipelines.requests import Img2ImgRequest
 
+LATENT_UPSCALE_RESIZE_MODE = 3
 _FILL_NAMES = ("fill", "original", "latent noise", "latent nothing")
 
 
@@ -36,6 +37,7 @@ class SourcePlan:
     box: tuple[int, int, int, int] | None = None  # "only masked" crop region in ``original``
     notes: list[str] = field(default_factory=list)
     empty_mask: bool = False
+    latent_upscale: bool = False  # resize mode 3: ``init`` keeps its own size; latents are scaled
 
     @property
     def is_inpaint(self) -> bool:
@@ -90,6 +92,13 @@ def plan_source(request: Img2ImgRequest, index: int, *, seed: int) -> SourcePlan
             overlay_mask=prepared.mask,
             notes=notes,
         )
+
+    if mask_image is None and request.resize_mode == LATENT_UPSCALE_RESIZE_MODE:
+        # A1111's "Just resize (latent upscale)": encode the picture at its own size (to a multiple
+        # of 8 for the VAE) and scale its latents to the target size.
+        own_size = (max(8, image.width // 8 * 8), max(8, image.height // 8 * 8))
+        init = image if image.size == own_size else image.resize(own_size, Image.Resampling.LANCZOS)
+        return SourcePlan(init=init, size=(width, height), original=image, notes=notes, latent_upscale=True)
 
     if mask_image is None:
         return SourcePlan(

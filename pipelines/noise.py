@@ -9,8 +9,9 @@ interpolation, as A1111 does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -57,3 +58,42 @@ def initial_noise(
             noise = slerp(subseed_strength, noise.flatten(1), variation.flatten(1)).view_as(noise)
         samples.append(noise)
     return torch.cat(samples, dim=0)
+
+
+@contextmanager
+def variation_noise(scheduler: Any, subseeds: Sequence[int], strength: float) -> Iterator[None]:
+    """A1111's variation seeds for img2img and inpainting.
+
+    diffusers draws the img2img noise inside the pipeline and hands it to ``scheduler.add_noise``;
+    for the call, that method blends each image's noise with noise from its variation seed
+    (spherical interpolation, as in :func:`initial_noise`). The same noise tensor always gets the
+    same blend, so inpainting's per-step re-noising of the kept area stays consistent.
+    """
+    if strength <= 0:
+        yield
+        return
+    original = scheduler.add_noise
+    blended: list[tuple[Any, Any]] = []  # (diffusers' noise, our blend); tensors kept alive
+
+    def blend(noise: torch.Tensor) -> torch.Tensor:
+        for seen, result in blended:
+            if seen is noise:
+                return result
+        import torch
+
+        variation = torch.cat(
+            [seeded_noise(subseeds[i % len(subseeds)], noise.shape[1:]) for i in range(noise.shape[0])]
+        )
+        mixed = slerp(strength, noise.detach().float().cpu().flatten(1), variation.flatten(1))
+        result = mixed.view_as(variation).to(device=noise.device, dtype=noise.dtype)
+        blended.append((noise, result))
+        return result
+
+    def add_noise(original_samples: Any, noise: Any, timesteps: Any) -> Any:
+        return original(original_samples, blend(noise), timesteps)
+
+    scheduler.add_noise = add_noise
+    try:
+        yield
+    finally:
+        del scheduler.add_noise

@@ -166,3 +166,41 @@ def _in_float32(vae: Any, work: Callable[[], Any]) -> Any:
 def latent_shape(pipe: Any, width: int, height: int) -> tuple[int, int, int]:
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return pipe.vae.config.latent_channels, height // scale, width // scale
+
+
+def encode_to_latents(pipe: Any, images: list[Image.Image], *, width: int, height: int) -> Any:
+    """Each picture VAE-encoded at its own size, its latents bilinearly scaled to ``width`` x
+    ``height`` (A1111's "Just resize (latent upscale)"), scaled as the pipeline's own encoder scales
+    them, so diffusers' img2img takes the result as ready-made latents."""
+    import torch
+
+    vae = pipe.vae
+    config = vae.config
+    _, latent_h, latent_w = latent_shape(pipe, width, height)
+    device = pipe._execution_device
+
+    def run(dtype: torch.dtype) -> torch.Tensor:
+        encoded = []
+        for image in images:
+            pixels = pipe.image_processor.preprocess(image).to(device=device, dtype=dtype)
+            with torch.inference_mode():
+                latents = vae.encode(pixels).latent_dist.mode()
+            encoded.append(
+                torch.nn.functional.interpolate(latents.float(), size=(latent_h, latent_w), mode="bilinear")
+            )
+        return torch.cat(encoded)
+
+    half = vae.dtype in (torch.float16, torch.bfloat16)
+    if half and getattr(config, "force_upcast", False):
+        latents = _in_float32(vae, lambda: run(torch.float32))
+    else:
+        latents = run(vae.dtype)
+    mean = getattr(config, "latents_mean", None)
+    std = getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        latents = (latents - mean_t) * config.scaling_factor / std_t
+    else:
+        latents = latents * config.scaling_factor
+    return latents.to(dtype=pipe.unet.dtype)

@@ -197,3 +197,37 @@ def test_batch_of_two_in_one_pass(studio, tmp_path: Path) -> None:
         Img2ImgRequest(**COMMON, init_images=[b64], batch_size=2, width=64, height=64, denoising_strength=0.6)
     )
     assert [img.seed for img in result.images] == [21, 22]
+
+
+def test_latent_upscale_resize_mode_encodes_at_the_source_size(studio, tmp_path: Path) -> None:
+    source = picture(tmp_path / "in.png", size=(48, 32))
+    common = {**COMMON, "init_images": [str(source)], "width": 96, "height": 64, "denoising_strength": 0.5}
+    latent = studio.engine.img2img(Img2ImgRequest(**common, resize_mode=3)).images[0]
+    pixel = studio.engine.img2img(Img2ImgRequest(**common, resize_mode=0)).images[0]
+    assert latent.image.size == (96, 64)
+    assert not np.array_equal(pixels(latent.image), pixels(pixel.image))
+    assert "Resize mode: Just resize (latent upscale)" in latent.infotext
+    unchanged = studio.engine.img2img(Img2ImgRequest(**{**common, "denoising_strength": 0.0}, resize_mode=3))
+    assert unchanged.images[0].image.size == (96, 64)
+
+
+def test_variation_seeds_apply_to_img2img_and_inpaint(studio, tmp_path: Path) -> None:
+    source = picture(tmp_path / "in.png")
+    mask = mask_file(tmp_path / "mask.png", (64, 64), (16, 16, 40, 40))
+    common = {**COMMON, "init_images": [str(source)], "width": 64, "height": 64, "subseed": 7}
+    for extra in (
+        {"denoising_strength": 0.6},
+        {"denoising_strength": 1.0, "mask": str(mask), "mask_blur": 0},
+        {"denoising_strength": 0.8, "mask": str(mask), "mask_blur": 0},
+    ):
+        run = {**common, **extra}
+        plain = studio.engine.img2img(Img2ImgRequest(**run, subseed_strength=0.0)).images[0]
+        varied = studio.engine.img2img(Img2ImgRequest(**run, subseed_strength=0.5)).images[0]
+        again = studio.engine.img2img(Img2ImgRequest(**run, subseed_strength=0.5)).images[0]
+        other = studio.engine.img2img(Img2ImgRequest(**{**run, "subseed": 8}, subseed_strength=0.5)).images[0]
+        assert not np.array_equal(pixels(plain.image), pixels(varied.image))
+        assert np.array_equal(pixels(varied.image), pixels(again.image))
+        assert not np.array_equal(pixels(varied.image), pixels(other.image))
+        assert "Variation seed: 7, Variation seed strength: 0.5" in varied.infotext
+        if "mask" in extra:  # the kept area is still the input's, exactly
+            assert np.array_equal(pixels(varied.image)[:8], pixels(source)[:8])

@@ -129,3 +129,26 @@ def test_controlnet_for_the_wrong_family_is_refused(studio, networks: Path) -> N
                 controlnet_units=[unit(control_image("box"))],
             )
         )
+
+
+def test_controlnet_steers_the_hires_pass_as_its_hr_option_says(studio, networks: Path) -> None:
+    hires = {**BASE, "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.6}
+
+    def run(option: str, shape: str) -> tuple[np.ndarray, object]:
+        units = [unit(control_image(shape), module="none", hr_option=option)]
+        return pixels(studio, Txt2ImgRequest(**hires, controlnet_units=units))
+
+    both_box, result = run("Both", "box")
+    assert both_box.shape == (128, 128, 3)
+    assert "Hr Option: Both" in result.images[0].infotext
+    # A unit for the second pass only: the control image changes the result, and the first pass is
+    # the plain one (so "Low res only" with either image differs from it).
+    high_box, _ = run("High res only", "box")
+    high_ellipse, _ = run("High res only", "ellipse")
+    assert not np.array_equal(high_box, high_ellipse)
+    low_box, _ = run("Low res only", "box")
+    plain, _ = pixels(studio, Txt2ImgRequest(**hires))
+    assert not np.array_equal(low_box, plain)
+    assert not np.array_equal(high_box, plain)
+    assert not np.array_equal(both_box, low_box)
+    assert not np.array_equal(both_box, high_box)

@@ -37,6 +37,7 @@ class UnitControls:
     guidance_end: Any
     control_mode: Any
     resize_mode: Any
+    hr_option: Any
     pixel_perfect: Any
     processor_res: Any
     threshold_a: Any
@@ -56,6 +57,7 @@ class UnitControls:
             self.guidance_end,
             self.control_mode,
             self.resize_mode,
+            self.hr_option,
             self.pixel_perfect,
             self.processor_res,
             self.threshold_a,
@@ -85,6 +87,7 @@ class UnitControls:
             "guidance_start": data[self.guidance_start],
             "guidance_end": data[self.guidance_end],
             "control_mode": data[self.control_mode],
+            "hr_option": data[self.hr_option],
         }
 
 
@@ -166,7 +169,7 @@ def build(
 def _build_unit(
     services: StudioServices, prefix: str, index: int, preprocessors: Any, unit_model: Any
 ) -> UnitControls:
-    from pipelines.controlnet import CONTROL_MODES, RESIZE_MODES
+    from pipelines.controlnet import CONTROL_MODES, HIRES_OPTIONS, RESIZE_MODES
 
     unit_id = f"{prefix}_cn{index}"
     with gr.Row():
@@ -232,6 +235,12 @@ def _build_unit(
     resize_mode = gr.Radio(
         choices=list(RESIZE_MODES), value=field_default(unit_model, "resize_mode"), label="Resize Mode"
     )
+    hr_option = gr.Radio(
+        choices=list(HIRES_OPTIONS),
+        value=field_default(unit_model, "hr_option"),
+        label="Hires fix: control",
+        info="Which pass of hires fix this unit controls (ignored without hires fix).",
+    )
     return UnitControls(
         index=index,
         enabled=enabled,
@@ -243,6 +252,7 @@ def _build_unit(
         guidance_end=guidance_end,
         control_mode=control_mode,
         resize_mode=resize_mode,
+        hr_option=hr_option,
         pixel_perfect=pixel_perfect,
         processor_res=processor_res,
         threshold_a=threshold_a,
