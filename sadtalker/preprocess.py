@@ -17,10 +17,13 @@ Steps, as the reference pipeline does them (facts from OpenTalker/SadTalker ``sr
    224 x 224 around it, and fed to the reconstruction network. The source description keeps
    expression (64), angles (3) and translation (3) plus the alignment's scale and shift (3).
 
-Landmarks come from a :class:`FaceLandmarker`. The reference used RetinaFace + a 98-point AWing FAN
-(facexlib); those networks are not implemented here yet, so the fallback is used: OpenCV's bundled
-Haar cascade finds the face box and the 68 points are placed from a mean frontal face template
-(``configs/sadtalker/haar_mean_face_68.json``). That is an estimate (no head rotation, no expression).
+Landmarks come from a :class:`FaceLandmarker`. As the reference, facexlib's RetinaFace finds the face
+(``detection_Resnet50_Final.pth``, :mod:`sadtalker.face_detection`) and the 98-point AWing FAN places the
+points in its box (``alignment_WFLW_4HG.pth``, :mod:`sadtalker.face_alignment`), converted to 68; the
+files are looked for in ``models/SadTalker`` then ``models/GFPGAN``. Without the detector file OpenCV's
+bundled Haar cascade finds the box; without the landmark file the 68 points come from a mean frontal
+face template (``configs/sadtalker/haar_mean_face_68.json``), fitted to RetinaFace's five points or
+placed in the Haar box. The template is an estimate (no expression; with Haar no head rotation either).
 
 Deviations from the reference, on purpose: landmarks are detected once on the photo and mapped into
 the crop (the reference detects a second time on the resized crop); the paste-back region is mapped
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -45,6 +48,8 @@ from sadtalker.ffmpeg import stderr_tail
 if TYPE_CHECKING:
     import torch
 
+    from sadtalker.face_alignment import AwingAligner
+    from sadtalker.face_detection import RetinaFaceDetector
     from sadtalker.networks.face_recon import FaceReconstructionNet
 
 logger = logging.getLogger(__name__)
@@ -148,31 +153,166 @@ class HaarTemplateLandmarker:
         ).astype(np.float32)
 
 
-def create_landmarker(models_dir: Path | None) -> FaceLandmarker:
-    """The best landmark detector available; today always the Haar + template fallback (with a warning).
+# The Haar box ends just above the chin (the template's chin is at 1.06 box heights); the AWing FAN was
+# run on RetinaFace boxes, which include the chin, so the Haar box is extended downwards for it.
+HAAR_BOX_BOTTOM_FOR_FAN = 1.12
+# Template points matched to RetinaFace's five: eye centres (eye contour means), nose tip, mouth corners.
+_TEMPLATE_FIVE = ((36, 37, 38, 39, 40, 41), (42, 43, 44, 45, 46, 47), (30,), (48,), (54,))
 
-    The reference's facexlib weights are looked for so the log can say they were seen but not used.
+FaceFinder = Callable[[np.ndarray], "tuple[tuple[float, float, float, float], np.ndarray | None] | None"]
+
+
+def fit_template_to_points(
+    template: np.ndarray, template_five: np.ndarray, five: np.ndarray
+) -> np.ndarray | None:
+    """The template moved by the least-squares similarity (scale, rotation, shift) taking its five points
+    onto ``five``; ``None`` when the fit degenerates (non-finite points, no scale)."""
+    source = np.asarray(template_five, dtype=np.float64)
+    target = np.asarray(five, dtype=np.float64)
+    if not np.isfinite(target).all():
+        return None
+    # x' = a x - b y + tx, y' = b x + a y + ty, solved for (a, b, tx, ty).
+    system = np.zeros((2 * len(source), 4))
+    system[0::2] = np.column_stack([source[:, 0], -source[:, 1], np.ones(len(source)), np.zeros(len(source))])
+    system[1::2] = np.column_stack([source[:, 1], source[:, 0], np.zeros(len(source)), np.ones(len(source))])
+    (a, b, tx, ty), *_ = np.linalg.lstsq(system, target.reshape(-1), rcond=None)
+    if not np.isfinite([a, b, tx, ty]).all() or np.hypot(a, b) < 1e-6:
+        return None
+    points = np.asarray(template, dtype=np.float64)
+    moved = np.column_stack(
+        [a * points[:, 0] - b * points[:, 1] + tx, b * points[:, 0] + a * points[:, 1] + ty]
+    )
+    return moved.astype(np.float32)
+
+
+class NetworkLandmarker:
+    """A face finder (RetinaFace, or the Haar cascade) and a way to place the 68 points in its face.
+
+    ``aligner`` is the AWing FAN (:class:`sadtalker.face_alignment.AwingAligner`); without it the mean-face
+    template is fitted to the finder's five points, or placed in its box when it gives none (Haar).
     """
-    found = []
-    if models_dir is not None:
-        for folder in LANDMARK_FOLDERS:
-            for name in (FACEXLIB_DETECTOR_FILE, FACEXLIB_ALIGNMENT_FILE):
-                if (Path(models_dir) / folder / name).is_file():
-                    found.append(f"{folder}/{name}")
-    if found:
+
+    def __init__(self, name: str, find_face: FaceFinder, aligner: AwingAligner | None = None) -> None:
+        self.name = name
+        self.find_face = find_face
+        self.aligner = aligner
+        self.template = _mean_face()
+        self.template_five = np.stack([self.template[list(group)].mean(axis=0) for group in _TEMPLATE_FIVE])
+
+    def landmarks(self, image: np.ndarray) -> np.ndarray | None:
+        found = self.find_face(image)
+        if found is None:
+            return None
+        box, five = found
+        if self.aligner is not None:
+            return self.aligner.landmarks_68(image, box)
+        if five is not None:
+            fitted = fit_template_to_points(self.template, self.template_five, five)
+            if fitted is not None:
+                return fitted
+        x1, y1, x2, y2 = box
+        size = np.array([x2 - x1, y2 - y1], dtype=np.float32)
+        return (self.template * size + np.array([x1, y1], dtype=np.float32)).astype(np.float32)
+
+
+class RetinaFaceFinder:
+    """The largest RetinaFace face as ``(box, five points)``."""
+
+    def __init__(self, detector: RetinaFaceDetector) -> None:
+        self.detector = detector
+
+    def __call__(
+        self, image: np.ndarray
+    ) -> tuple[tuple[float, float, float, float], np.ndarray | None] | None:
+        face = self.detector.largest_face(image)
+        return None if face is None else (face.box, face.five_points)
+
+
+class HaarFinder:
+    """The largest Haar face as ``(box, None)``, its bottom moved to ``bottom`` box heights."""
+
+    def __init__(self, haar: HaarTemplateLandmarker, bottom: float = 1.0) -> None:
+        self.haar = haar
+        self.bottom = bottom
+
+    def __call__(
+        self, image: np.ndarray
+    ) -> tuple[tuple[float, float, float, float], np.ndarray | None] | None:
+        found = self.haar.face_box(image)
+        if found is None:
+            return None
+        x, y, w, h = found
+        return (float(x), float(y), float(x + w), float(y + h * self.bottom)), None
+
+
+def find_landmark_file(models_dir: Path | None, name: str) -> Path | None:
+    """``models_dir/<folder>/name`` for the first of :data:`LANDMARK_FOLDERS` that has it."""
+    if models_dir is None:
+        return None
+    for folder in LANDMARK_FOLDERS:
+        path = Path(models_dir) / folder / name
+        if path.is_file():
+            return path
+    return None
+
+
+def create_landmarker(models_dir: Path | None, device: torch.device | str | None = None) -> FaceLandmarker:
+    """The best landmark detector the files in ``models_dir`` allow (the networks run on ``device``).
+
+    Both facexlib files: RetinaFace + AWing FAN (``retinaface-awing``, the reference's); the detector
+    only: RetinaFace + the template on its five points (``retinaface-template``); the landmark network
+    only: Haar box + AWing FAN (``haar-awing``); neither: Haar + the template in its box
+    (``haar-template``). Each fallback logs a warning saying which file to add. A present but unreadable
+    or wrong file raises :class:`SadTalkerCheckpointError` naming it.
+    """
+    detector_path = find_landmark_file(models_dir, FACEXLIB_DETECTOR_FILE)
+    alignment_path = find_landmark_file(models_dir, FACEXLIB_ALIGNMENT_FILE)
+    where = "models/" + " or models/".join(LANDMARK_FOLDERS)
+    if detector_path is None and alignment_path is None:
         logger.warning(
-            "Found the face landmark networks %s but this version cannot run them yet; "
-            "using OpenCV's Haar face detector with a mean-face landmark template instead "
-            "(less precise crops and head poses).",
-            ", ".join(found),
+            "Using OpenCV's Haar face detector with a mean-face landmark template for the talking head: "
+            "crops and head poses are estimates. For the reference's landmarks put facexlib's %s and %s "
+            "in %s.",
+            FACEXLIB_DETECTOR_FILE,
+            FACEXLIB_ALIGNMENT_FILE,
+            where,
         )
-    else:
+        return HaarTemplateLandmarker()
+
+    run_on = device if device is not None else "cpu"
+    aligner = None
+    if alignment_path is not None:
+        from sadtalker.face_alignment import load_awing
+
+        aligner = load_awing(alignment_path, run_on)
+    if detector_path is None:
         logger.warning(
-            "Using OpenCV's Haar face detector with a mean-face landmark template for the talking head "
-            "(the RetinaFace/AWing landmark networks are not supported yet): crops and head poses "
-            "are estimates."
+            "%s was not found in %s: faces are found with OpenCV's Haar detector (frontal faces only) and "
+            "the landmarks placed by %s.",
+            FACEXLIB_DETECTOR_FILE,
+            where,
+            alignment_path,
         )
-    return HaarTemplateLandmarker()
+        return NetworkLandmarker(
+            "haar-awing", HaarFinder(HaarTemplateLandmarker(), HAAR_BOX_BOTTOM_FOR_FAN), aligner
+        )
+
+    from sadtalker.face_detection import load_retinaface
+
+    detector = load_retinaface(detector_path, run_on)
+    if aligner is None:
+        logger.warning(
+            "%s was not found in %s: the 68 face landmarks are estimated by fitting a frontal-face template "
+            "to the face found by %s (no expression; less precise crops and head poses).",
+            FACEXLIB_ALIGNMENT_FILE,
+            where,
+            detector_path,
+        )
+        return NetworkLandmarker("retinaface-template", RetinaFaceFinder(detector))
+    logger.info(
+        "Face landmarks: RetinaFace (%s) + AWing FAN (%s) on %s.", detector_path, alignment_path, run_on
+    )
+    return NetworkLandmarker("retinaface-awing", RetinaFaceFinder(detector), aligner)
 
 
 # --- crop geometry --------------------------------------------------------------------------------

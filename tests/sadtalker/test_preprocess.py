@@ -145,15 +145,14 @@ def test_unreadable_images(tmp_path: Path) -> None:
     assert load_image(grey).shape == (10, 12, 3)
 
 
-def test_landmarker_warns_and_mentions_unused_network_files(
+def test_landmarker_without_network_files_warns_and_names_them(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    (tmp_path / "GFPGAN").mkdir()
-    (tmp_path / "GFPGAN" / "alignment_WFLW_4HG.pth").write_bytes(b"x")
+    # The network combinations are tested in test_face_networks.py.
     with caplog.at_level("WARNING"):
         landmarker = create_landmarker(tmp_path)
     assert landmarker.name == "haar-template"
-    assert "GFPGAN/alignment_WFLW_4HG.pth" in caplog.text and "cannot run them yet" in caplog.text
+    assert "detection_Resnet50_Final.pth" in caplog.text and "alignment_WFLW_4HG.pth" in caplog.text
 
 
 def test_five_points_and_the_template() -> None:
