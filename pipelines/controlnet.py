@@ -7,9 +7,10 @@
   sidecar ``<name>.yaml`` (the extension's ``cldm_v15.yaml``/``cldm_v21.yaml`` style) or the
   family's standard value. Nothing is downloaded.
 * **Preprocessors** are keyed by the extension's module names. ``none``, ``invert``, ``canny`` and
-  a few other model-free ones run here; the annotator networks (depth, pose, HED...) are listed
-  with the files the extension downloads, and asking for one names the missing file and where to
-  get it (the networks themselves are not implemented yet).
+  a few other model-free ones run here; the annotator networks (depth, pose, HED...) run from the
+  files the extension downloads, found in ``models/ControlNet/annotators`` (see
+  :mod:`pipelines.controlnet_annotators`); asking for one whose file is missing names the file and
+  where to get it. Segmentation and DWPose are listed but not supported.
 * **Units** are the extension's API units (:class:`ControlNetUnit`); :func:`prepare_control_inputs`
   turns enabled units into the arguments of a diffusers ``StableDiffusion[XL]ControlNetPipeline``.
 
@@ -50,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from pipelines import controlnet_annotators as annotators_module
 from pipelines.errors import CheckpointLoadError, ModelNotFoundError, StudioError
 
 if TYPE_CHECKING:
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from pipelines.controlnet_annotators import AnnotatorCache, AnnotatorFunction
     from pipelines.families import ModelFamily
 
 log = logging.getLogger(__name__)
@@ -101,8 +104,16 @@ class ControlNetFamilyError(ControlNetError):
     """The ControlNet was made for another model family than the loaded checkpoint."""
 
 
-class AnnotatorMissingError(ControlNetError):
+class AnnotatorMissingError(ControlNetError, ModelNotFoundError):
     """A preprocessor needs annotator weights that are not on disk."""
+
+
+class AnnotatorLoadError(ControlNetError, CheckpointLoadError):
+    """An annotator weight file is there but cannot be used (refused pickle, damaged, wrong file)."""
+
+    def __init__(self, filename: str, message: str) -> None:
+        super().__init__(message)
+        self.filename = filename
 
 
 # ============================================================================================
@@ -153,7 +164,8 @@ class Preprocessor:
 
     ``api_name`` is the extension's internal module name (what ``/controlnet/module_list`` returns
     and API clients send), ``label`` its UI name; both are accepted wherever a module is named.
-    ``run`` is ``None`` for annotators not implemented here.
+    ``run`` runs a model-free preprocessor, ``run_network`` an annotator network from its
+    ``annotator_files``; both ``None``: not supported, and ``unsupported`` says what to do instead.
     """
 
     api_name: str
@@ -166,6 +178,8 @@ class Preprocessor:
     priority: int = 0
     model_free: bool = False
     """The extension's ``model_free``: the module needs no ControlNet model (e.g. reference-only)."""
+    run_network: AnnotatorFunction | None = None
+    unsupported: str = ""
 
 
 RESOLUTION = Slider("Resolution", 64, 2048, 512, 8)
@@ -309,6 +323,12 @@ _LERES = AnnotatorFile("res101.pth", "leres", _ANNOTATORS_HF + "res101.pth")
 _NO_SLIDERS: tuple[Slider | None, Slider | None] = (None, None)
 
 
+_SEGMENTATION_UNSUPPORTED = (
+    "Segmentation (OneFormer/UniFormer) is not supported in this version of SD Studio. Make the "
+    "segmentation map with another tool and use it with the 'none' preprocessor."
+)
+
+
 def _annotator(
     api_name: str,
     label: str,
@@ -316,8 +336,19 @@ def _annotator(
     *,
     priority: int = 0,
     sliders: tuple[Slider | None, Slider | None] = _NO_SLIDERS,
+    run: AnnotatorFunction | None = None,
+    unsupported: str = "",
 ) -> Preprocessor:
-    return Preprocessor(api_name, label, RESOLUTION, *sliders, annotator_files=files, priority=priority)
+    return Preprocessor(
+        api_name,
+        label,
+        RESOLUTION,
+        *sliders,
+        annotator_files=files,
+        priority=priority,
+        run_network=run,
+        unsupported=unsupported,
+    )
 
 
 PREPROCESSORS: Mapping[str, Preprocessor] = MappingProxyType(
@@ -371,40 +402,57 @@ PREPROCESSORS: Mapping[str, Preprocessor] = MappingProxyType(
             run=_run_lineart_standard,
             priority=100,
         ),
-        "depth_midas": _annotator("depth", "depth_midas", (_MIDAS,), priority=100),
+        "depth_midas": _annotator(
+            "depth", "depth_midas", (_MIDAS,), priority=100, run=annotators_module.run_depth_midas
+        ),
         "depth_leres": _annotator(
             "depth_leres",
             "depth_leres",
             (_LERES,),
             sliders=(Slider("Remove Near %", 0, 100, 0, 0.1), Slider("Remove Background %", 0, 100, 0, 0.1)),
+            run=annotators_module.run_depth_leres,
         ),
         "depth_leres++": _annotator(
             "depth_leres++",
             "depth_leres++",
             (_LERES, AnnotatorFile("latest_net_G.pth", "leres", _ANNOTATORS_HF + "latest_net_G.pth")),
             sliders=(Slider("Remove Near %", 0, 100, 0, 0.1), Slider("Remove Background %", 0, 100, 0, 0.1)),
+            run=annotators_module.run_depth_leres_boost,
         ),
         "depth_zoe": _annotator(
             "depth_zoe",
             "depth_zoe",
             (AnnotatorFile("ZoeD_M12_N.pt", "zoedepth", _ANNOTATORS_HF + "ZoeD_M12_N.pt"),),
+            run=annotators_module.run_depth_zoe,
         ),
         "normal_bae": _annotator(
             "normal_bae",
             "normal_bae",
             (AnnotatorFile("scannet.pt", "normal_bae", _ANNOTATORS_HF + "scannet.pt"),),
             priority=100,
+            run=annotators_module.run_normal_bae,
         ),
         "normal_midas": _annotator(
             "normal_map",
             "normal_midas",
             (_MIDAS,),
             sliders=(Slider("Normal Background Threshold", 0.0, 1.0, 0.4), None),
+            run=annotators_module.run_normal_midas,
         ),
-        "openpose": _annotator("openpose", "openpose", (_BODY,)),
-        "openpose_face": _annotator("openpose_face", "openpose_face", (_BODY, _FACE)),
-        "openpose_hand": _annotator("openpose_hand", "openpose_hand", (_BODY, _HAND)),
-        "openpose_full": _annotator("openpose_full", "openpose_full", (_BODY, _HAND, _FACE), priority=100),
+        "openpose": _annotator("openpose", "openpose", (_BODY,), run=annotators_module.run_openpose),
+        "openpose_face": _annotator(
+            "openpose_face", "openpose_face", (_BODY, _FACE), run=annotators_module.run_openpose_face
+        ),
+        "openpose_hand": _annotator(
+            "openpose_hand", "openpose_hand", (_BODY, _HAND), run=annotators_module.run_openpose_hand
+        ),
+        "openpose_full": _annotator(
+            "openpose_full",
+            "openpose_full",
+            (_BODY, _HAND, _FACE),
+            priority=100,
+            run=annotators_module.run_openpose_full,
+        ),
         "dw_openpose_full": _annotator(
             "dw_openpose_full",
             "dw_openpose_full",
@@ -420,28 +468,50 @@ PREPROCESSORS: Mapping[str, Preprocessor] = MappingProxyType(
                     "https://huggingface.co/yzd-v/DWPose/resolve/main/dw-ll_ucoco_384.onnx",
                 ),
             ),
+            unsupported=(
+                "DWPose is not supported in this version of SD Studio (its ONNX models need a runtime "
+                "SD Studio does not ship). Use 'openpose_full', or make the pose image with another "
+                "tool and use it with the 'none' preprocessor."
+            ),
         ),
         "lineart_realistic": _annotator(
             "lineart",
             "lineart_realistic",
             (AnnotatorFile("sk_model.pth", "lineart", _ANNOTATORS_HF + "sk_model.pth"),),
+            run=annotators_module.run_lineart,
         ),
         "lineart_coarse": _annotator(
             "lineart_coarse",
             "lineart_coarse",
             (AnnotatorFile("sk_model2.pth", "lineart", _ANNOTATORS_HF + "sk_model2.pth"),),
+            run=annotators_module.run_lineart,
         ),
         "lineart_anime": _annotator(
             "lineart_anime",
             "lineart_anime",
             (AnnotatorFile("netG.pth", "lineart_anime", _ANNOTATORS_HF + "netG.pth"),),
+            run=annotators_module.run_lineart_anime,
         ),
-        "softedge_hed": _annotator("hed", "softedge_hed", (_HED,)),
-        "softedge_hedsafe": _annotator("hed_safe", "softedge_hedsafe", (_HED,)),
-        "softedge_pidinet": _annotator("pidinet", "softedge_pidinet", (_PIDINET,), priority=100),
-        "softedge_pidisafe": _annotator("pidinet_safe", "softedge_pidisafe", (_PIDINET,)),
-        "scribble_hed": _annotator("scribble_hed", "scribble_hed", (_HED,)),
-        "scribble_pidinet": _annotator("pidinet_scribble", "scribble_pidinet", (_PIDINET,), priority=100),
+        "softedge_hed": _annotator("hed", "softedge_hed", (_HED,), run=annotators_module.run_hed),
+        "softedge_hedsafe": _annotator(
+            "hed_safe", "softedge_hedsafe", (_HED,), run=annotators_module.run_hed_safe
+        ),
+        "softedge_pidinet": _annotator(
+            "pidinet", "softedge_pidinet", (_PIDINET,), priority=100, run=annotators_module.run_pidinet
+        ),
+        "softedge_pidisafe": _annotator(
+            "pidinet_safe", "softedge_pidisafe", (_PIDINET,), run=annotators_module.run_pidinet_safe
+        ),
+        "scribble_hed": _annotator(
+            "scribble_hed", "scribble_hed", (_HED,), run=annotators_module.run_scribble_hed
+        ),
+        "scribble_pidinet": _annotator(
+            "pidinet_scribble",
+            "scribble_pidinet",
+            (_PIDINET,),
+            priority=100,
+            run=annotators_module.run_scribble_pidinet,
+        ),
         "mlsd": _annotator(
             "mlsd",
             "mlsd",
@@ -455,6 +525,7 @@ PREPROCESSORS: Mapping[str, Preprocessor] = MappingProxyType(
                 Slider("MLSD Value Threshold", 0.01, 2.0, 0.1),
                 Slider("MLSD Distance Threshold", 0.01, 20.0, 0.1),
             ),
+            run=annotators_module.run_mlsd,
         ),
         "seg_ofade20k": _annotator(
             "oneformer_ade20k",
@@ -467,6 +538,7 @@ PREPROCESSORS: Mapping[str, Preprocessor] = MappingProxyType(
                 ),
             ),
             priority=100,
+            unsupported=_SEGMENTATION_UNSUPPORTED,
         ),
         "seg_ofcoco": _annotator(
             "oneformer_coco",
@@ -478,6 +550,7 @@ PREPROCESSORS: Mapping[str, Preprocessor] = MappingProxyType(
                     _ANNOTATORS_HF + "150_16_swin_l_oneformer_coco_100ep.pth",
                 ),
             ),
+            unsupported=_SEGMENTATION_UNSUPPORTED,
         ),
         "seg_ufade20k": _annotator(
             "segmentation",
@@ -487,6 +560,7 @@ PREPROCESSORS: Mapping[str, Preprocessor] = MappingProxyType(
                     "upernet_global_small.pth", "uniformer", _CONTROLNET_CKPTS + "upernet_global_small.pth"
                 ),
             ),
+            unsupported=_SEGMENTATION_UNSUPPORTED,
         ),
     }
 )
@@ -572,6 +646,7 @@ def run_preprocessor(
     threshold_a: float = -1,
     threshold_b: float = -1,
     annotator_dir: Path | Sequence[Path] | None = None,
+    annotators: AnnotatorCache | None = None,
 ) -> Image.Image:
     """Run a preprocessor on an image and return the detected map (RGB).
 
@@ -579,12 +654,13 @@ def run_preprocessor(
     at): ``0`` or less (the API's ``-1``) means the default, 512; a positive value is used as
     given, so a "Pixel Perfect" value from :func:`pixel_perfect_resolution` previews exactly what
     the job will use. Thresholds outside their slider's range mean the slider's default, as in
-    the extension. Model-based annotators check for their weight files first.
+    the extension. Model-based annotators check for their weight files first; ``annotators`` keeps
+    their loaded networks for the next call (without one they are loaded for this call only).
     """
     _, preprocessor = resolve_preprocessor(name)
     default = int(preprocessor.resolution.value) if preprocessor.resolution else 512
     res = int(resolution) if resolution > 0 else default
-    return _detect(preprocessor, image, res, threshold_a, threshold_b, annotator_dir)
+    return _detect(preprocessor, image, res, threshold_a, threshold_b, annotator_dir, annotators)
 
 
 def _detect(
@@ -594,22 +670,37 @@ def _detect(
     threshold_a: float,
     threshold_b: float,
     annotator_dir: Path | Sequence[Path] | None,
+    annotators: AnnotatorCache | None = None,
 ) -> Image.Image:
     """Run with ``resolution`` as given (pixel-perfect values may lie outside the slider's range,
     which the extension allows too)."""
     import numpy as np
     from PIL import Image as PILImage
 
-    find_annotator_files(preprocessor, annotator_dir)
-    if preprocessor.run is None:
+    if preprocessor.run is None and preprocessor.run_network is None:
         raise ControlNetError(
-            f"The '{preprocessor.label}' preprocessor is not available in SD Studio yet (its weights are "
-            "present). Prepare the control image with another tool and use the 'none' preprocessor."
+            f"'{preprocessor.label}': {preprocessor.unsupported}"
+            if preprocessor.unsupported
+            else f"The '{preprocessor.label}' preprocessor is not supported in this version of SD Studio. "
+            "Prepare the control image with another tool and use the 'none' preprocessor."
         )
+    files = find_annotator_files(preprocessor, annotator_dir)
     pixels = _image_to_array(image)
     a = preprocessor.slider_1.clamp_or_default(threshold_a) if preprocessor.slider_1 else threshold_a
     b = preprocessor.slider_2.clamp_or_default(threshold_b) if preprocessor.slider_2 else threshold_b
-    result = preprocessor.run(pixels, max(1, resolution), a, b)
+    if preprocessor.run_network is not None:
+        cache = annotators if annotators is not None else annotators_module.AnnotatorCache()
+        try:
+            result = preprocessor.run_network(pixels, max(1, resolution), a, b, files, cache)
+        except AnnotatorLoadError as exc:
+            urls = [f.url for f in preprocessor.annotator_files if f.filename == exc.filename]
+            where = f" Download it again from {urls[0]}." if urls else ""
+            raise AnnotatorLoadError(
+                exc.filename, f"The '{preprocessor.label}' preprocessor cannot use {exc}{where}"
+            ) from exc
+    else:
+        assert preprocessor.run is not None
+        result = preprocessor.run(pixels, max(1, resolution), a, b)
     return PILImage.fromarray(_hwc3(np.asarray(result)), mode="RGB")
 
 
@@ -1423,9 +1514,12 @@ def prepare_control_inputs(
     device: Any = None,
     dtype: Any = None,
     classifier_free_guidance: bool = True,
+    annotators: AnnotatorCache | None = None,
 ) -> ControlInputs | None:
     """Preprocess each enabled unit's image, fit it to ``width`` x ``height``, load its model and
     assemble the pipeline inputs. ``None`` when no unit is enabled.
+
+    ``annotators`` holds the preprocessors' loaded networks between jobs (the engine's cache).
 
     ``fallback_image`` is used by units without an image (the extension uses the img2img input).
     ``classifier_free_guidance`` must say whether the job uses CFG (cfg_scale > 1): it decides how
@@ -1466,7 +1560,7 @@ def prepare_control_inputs(
         else:
             resolution = 512
         detected = _detect(
-            preprocessor, pixels, resolution, unit.threshold_a, unit.threshold_b, annotator_dir
+            preprocessor, pixels, resolution, unit.threshold_a, unit.threshold_b, annotator_dir, annotators
         )
         fitted = resize_control_image(
             np.asarray(detected), width=width, height=height, resize_mode=unit.resize_mode

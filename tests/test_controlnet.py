@@ -396,7 +396,7 @@ def test_annotator_preprocessors_name_the_missing_file(controlnet_dir: Path, tmp
     assert "https://huggingface.co/lllyasviel/Annotators/resolve/main/body_pose_model.pth" in message
     with pytest.raises(AnnotatorMissingError, match=r"dpt_hybrid-midas-501f0c75\.pt"):
         run_preprocessor("depth", pattern_image(5), annotator_dir=tmp_path)  # the extension's API name
-    with pytest.raises(ControlNetError, match="not available in SD Studio yet"):
+    with pytest.raises(ControlNetError, match=r"cannot use ControlNetHED\.pth: not a readable weights file"):
         run_preprocessor("softedge_hed", pattern_image(5), annotator_dir=controlnet_dir / "annotators")
 
 

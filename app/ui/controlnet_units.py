@@ -300,6 +300,7 @@ def _wire_unit(
                 threshold_a=float(data[unit.threshold_a]),
                 threshold_b=float(data[unit.threshold_b]),
                 annotator_dir=default_annotator_dirs(services.settings.models_dir),
+                annotators=services.engine.annotator_cache,
             )
         except Exception as exc:
             raise gr.Error(user_message(exc), print_exception=False) from None

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import requests
 import webuiapi
@@ -182,3 +183,31 @@ def test_controlnet_through_the_extension_unit(api: webuiapi.WebUIApi) -> None:
     result = api.txt2img(prompt="a house", seed=9, controlnet_units=[unit], **STEPS)
     assert result.image.size == (64, 64)
     assert "ControlNet 0" in result.image.info["parameters"]
+
+
+def test_controlnet_detect_returns_the_preprocessor_maps(api: webuiapi.WebUIApi) -> None:
+    result = api.controlnet_detect([pattern(), pattern(32)], module="canny", processor_res=64)
+    assert [image.size for image in result.images] == [(64, 64), (64, 64)]
+    edges = np.asarray(result.images[0].convert("L"))
+    assert set(np.unique(edges)) <= {0, 255} and edges.max() == 255
+
+
+def test_controlnet_detect_errors_name_the_problem(studio_server: StudioServer) -> None:
+    auth = ("alice", API_USERS["alice"])
+    url = f"{studio_server.url}/controlnet/detect"
+    image = "data:image/png;base64," + base64.b64encode(_png(pattern())).decode()
+    missing = requests.post(
+        url, json={"controlnet_module": "softedge_hed", "controlnet_input_images": [image]}, auth=auth
+    )
+    assert missing.status_code == 404 and "ControlNetHED.pth" in missing.json()["detail"]
+    unknown = requests.post(url, json={"controlnet_module": "x-ray"}, auth=auth)
+    assert unknown.status_code == 400 and "x-ray" in unknown.json()["detail"]
+    bad = requests.post(url, json={"controlnet_module": "canny", "controlnet_images": ["abc"]}, auth=auth)
+    assert bad.status_code == 422 and "controlnet_input_images.0" in bad.json()["detail"]
+    assert requests.post(url, json={}).status_code == 401
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
