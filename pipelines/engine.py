@@ -11,7 +11,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,8 +34,10 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from pipelines.checkpoint_loader import LoadedCheckpoint
+    from pipelines.face_restore import FaceDetector
     from pipelines.memory import MemoryOptions
     from pipelines.model_manager import ModelManager
+    from pipelines.sd_upscaler import SdUpscalerCache, SdUpscaleSettings, SdX4Upscaler
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,9 @@ class EngineConfig:
     lora_dir: Path | None = None
     embeddings_dir: Path | None = None
     vae_dir: Path | None = None
+    face_detector: Callable[[], FaceDetector | None] | None = None
+    """Gives the face detector for face restoration (None: OpenCV Haar); the app builds RetinaFace
+    when its weights are installed. Called per job, so a newly dropped-in file is picked up."""
 
 
 @dataclass
@@ -140,8 +145,10 @@ class ImageEngine:
         # for a new pipeline that happens to reuse its id()
         self._applied: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._upscaler_cache: Any = None
+        self._sd_upscaler_cache: Any = None
         self._vae_cache: Any = None
         self._controlnets: Any = None
+        self._annotator_cache: Any = None
         self._lora_hashes: dict[Any, str] = {}
 
     @property
@@ -152,6 +159,33 @@ class ImageEngine:
 
             self._upscaler_cache = UpscalerCache()
         return self._upscaler_cache
+
+    @property
+    def sd_upscaler_cache(self) -> SdUpscalerCache:
+        """The loaded Stable Diffusion x4 upscaler pipeline, one at a time (created on first use)."""
+        if self._sd_upscaler_cache is None:
+            from pipelines.sd_upscaler import SdUpscalerCache
+
+            self._sd_upscaler_cache = SdUpscalerCache()
+        return self._sd_upscaler_cache
+
+    def _sd_x4_upscaler(self, settings: SdUpscaleSettings | None = None) -> SdX4Upscaler:
+        """What ``upscale`` runs an ``SD x4 (...)`` upscaler with: the engine's cache and memory
+        options (sized like an SD2 model) plus this job's settings (defaults when None)."""
+        from pipelines.sd_upscaler import SdX4Upscaler
+
+        return SdX4Upscaler(
+            self.sd_upscaler_cache, settings=settings, memory=self.memory_options(None, "sd2")[1]
+        )
+
+    @property
+    def annotator_cache(self) -> Any:
+        """Loaded ControlNet preprocessor networks (depth, pose, edges...), created on first use."""
+        if self._annotator_cache is None:
+            from pipelines.controlnet_annotators import AnnotatorCache
+
+            self._annotator_cache = AnnotatorCache()
+        return self._annotator_cache
 
     # memory ---------------------------------------------------------------------------------
     def memory_options(self, preset: str | None = None, family: str = "sd1") -> tuple[str, MemoryOptions]:
@@ -357,6 +391,7 @@ class ImageEngine:
             device=pipe._execution_device,
             dtype=pipe.unet.dtype,
             classifier_free_guidance=job.request.cfg_scale > 1,
+            annotators=self.annotator_cache,
         )
         if control is not None:
             for index, unit in enumerate(units):
@@ -526,7 +561,10 @@ class ImageEngine:
         else:
             self._decoding(job, batch_index)
             first = decode_latents(pipe, latents, job.notes)
-            init = [self._upscale(image, upscaler, target_w, target_h) for image in first]
+            init = [
+                self._upscale(image, upscaler, target_w, target_h, sd_settings=_sd_x4_settings(request, seed))
+                for image, seed in zip(first, seeds, strict=True)
+            ]
         second = task_pipeline(job.loaded, "img2img")
         self._prepare_pipe(second, job.loaded.family.base, preset, job.notes)
         if strength <= 0:
@@ -563,7 +601,16 @@ class ImageEngine:
         self._decoding(job, batch_index)
         return decode_latents(second, result, job.notes)
 
-    def _upscale(self, image: Image.Image, upscaler: str, width: int, height: int) -> Image.Image:
+    def _upscale(
+        self,
+        image: Image.Image,
+        upscaler: str,
+        width: int,
+        height: int,
+        *,
+        sd_settings: SdUpscaleSettings | None = None,
+    ) -> Image.Image:
+        """Hires fix's image upscale; ``sd_settings`` (prompt, seed...) for an SD x4 upscaler."""
         from PIL import Image as PILImage
 
         if upscaler in ("None", "Lanczos"):
@@ -579,6 +626,7 @@ class ImageEngine:
             crop=False,
             cache=self.upscaler_cache,
             models_root=self._models_root(),
+            sd_upscaler=self._sd_x4_upscaler(sd_settings),
         )
 
     def _models_root(self) -> Path:
@@ -771,6 +819,7 @@ class ImageEngine:
                 codeformer_weight=request.codeformer_weight,
                 cache=self.upscaler_cache,
                 models_root=self._models_root(),
+                detector=self.config.face_detector() if self.config.face_detector else None,
             )
             notes.extend(result.messages)
             params[key] = visibility
@@ -797,11 +846,18 @@ class ImageEngine:
             params["Postprocess upscale to"] = f"{request.upscaling_resize_w}x{request.upscaling_resize_h}"
             params["Postprocess crop to fit"] = request.upscaling_crop
 
+        sd_x4 = self._sd_x4_upscaler(_sd_upscale_settings(request))
+
         def run(name: str) -> Image.Image:
             if name == "None":
                 name = "Lanczos"
             return upscale(
-                image, upscaler=name, cache=self.upscaler_cache, models_root=self._models_root(), **sizing
+                image,
+                upscaler=name,
+                cache=self.upscaler_cache,
+                models_root=self._models_root(),
+                sd_upscaler=sd_x4,
+                **sizing,
             )
 
         first = run(request.upscaler_1)
@@ -813,7 +869,24 @@ class ImageEngine:
             first = PILImage.blend(first, second.convert(first.mode), request.extras_upscaler_2_visibility)
             params["Postprocess upscaler 2"] = request.upscaler_2
             params["Postprocess upscaler 2 visibility"] = request.extras_upscaler_2_visibility
+        if sd_x4.used:
+            params.update(sd_x4.settings.infotext())
         return first
+
+
+def _sd_upscale_settings(request: ExtrasRequest) -> SdUpscaleSettings:
+    """The SD x4 upscaler settings of an extras request (``sd_upscale_seed=-1``: a random seed)."""
+    from pipelines.sd_upscaler import SdUpscaleSettings
+
+    seed = request.sd_upscale_seed if request.sd_upscale_seed != RANDOM_SEED else random_seed()
+    return SdUpscaleSettings(
+        prompt=request.sd_upscale_prompt,
+        negative_prompt=request.sd_upscale_negative_prompt,
+        noise_level=request.sd_upscale_noise_level,
+        steps=request.sd_upscale_steps,
+        cfg_scale=request.sd_upscale_cfg_scale,
+        seed=seed,
+    )
 
 
 def img2img_call_steps(steps: int, strength: float) -> int:
@@ -832,6 +905,18 @@ def hires_size(request: Txt2ImgRequest) -> tuple[int, int]:
     else:
         width, height = round(request.width * request.hr_scale), round(request.height * request.hr_scale)
     return width // 8 * 8, height // 8 * 8
+
+
+def _sd_x4_settings(request: Txt2ImgRequest, seed: int) -> SdUpscaleSettings:
+    """An SD x4 upscaler as hires fix's upscaler follows the job's prompts and seed."""
+    from pipelines.prompt_parser import strip_extra_networks
+    from pipelines.sd_upscaler import SdUpscaleSettings
+
+    return SdUpscaleSettings(
+        prompt=strip_extra_networks(request.prompt)[0],
+        negative_prompt=strip_extra_networks(request.negative_prompt)[0],
+        seed=seed,
+    )
 
 
 def _unchanged_result(plan: Any) -> Image.Image:

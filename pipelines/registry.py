@@ -20,7 +20,15 @@ from pipelines.families import ModelFamily, UnknownFamilyError, detect_diffusers
 from pipelines.hashing import SHORT_HASH_LENGTH, HashCache
 
 ModelKind = Literal[
-    "checkpoint", "vae", "lora", "controlnet", "upscaler", "embedding", "vae_approx", "sadtalker"
+    "checkpoint",
+    "vae",
+    "lora",
+    "controlnet",
+    "upscaler",
+    "embedding",
+    "vae_approx",
+    "sadtalker",
+    "sd_upscaler",
 ]
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -49,6 +57,8 @@ class ModelPaths:
             "embedding": (self.embeddings, self.models_root.parent / "embeddings"),
             "vae_approx": (None, self.models_root / "VAE-approx"),
             "sadtalker": (None, self.models_root / "SadTalker"),
+            # Stable Diffusion x4 upscaler: diffusers folder or x4-upscaler-ema.safetensors
+            "sd_upscaler": (None, self.models_root / "SD-Upscaler"),
         }
         override, default = defaults[kind]
         return override or default

@@ -259,7 +259,10 @@ class ExtrasRequest(BaseModel):
     upscaling_resize_w: int = Field(512, ge=64, le=16384)
     upscaling_resize_h: int = Field(512, ge=64, le=16384)
     upscaling_crop: bool = True
-    upscaler_1: str = Field("None", description="Upscaler name (Lanczos, Nearest, or a models/ESRGAN file).")
+    upscaler_1: str = Field(
+        "None",
+        description="Upscaler name: Lanczos, Nearest, a models/ESRGAN file or an 'SD x4 (...)' model.",
+    )
     upscaler_2: str = "None"
     extras_upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0)
     gfpgan_visibility: float = Field(0.0, ge=0.0, le=1.0)
@@ -267,6 +270,21 @@ class ExtrasRequest(BaseModel):
     codeformer_weight: float = Field(0.0, ge=0.0, le=1.0)
     upscale_first: bool = False
     show_extras_results: bool = True
+    # Settings of the Stable Diffusion x4 upscaler ("SD x4 (...)" upscalers); other upscalers ignore them.
+    sd_upscale_prompt: str = Field(
+        "", description="SD x4 upscaler: text describing the image, to guide the added detail."
+    )
+    sd_upscale_negative_prompt: str = Field("", description="SD x4 upscaler: what to avoid.")
+    sd_upscale_noise_level: int = Field(
+        20, ge=0, le=350, description="SD x4 upscaler: noise added to the input; higher invents more detail."
+    )
+    sd_upscale_steps: int = Field(20, ge=1, le=150, description="SD x4 upscaler: denoising steps.")
+    sd_upscale_cfg_scale: float = Field(
+        9.0, ge=0.0, le=30.0, description="SD x4 upscaler: guidance scale (used only with a prompt)."
+    )
+    sd_upscale_seed: int = Field(
+        0, ge=RANDOM_SEED, le=MAX_SEED, description="SD x4 upscaler: seed (same seed, same image); -1 random."
+    )
 
 
 JobRequest = Txt2ImgRequest | Img2ImgRequest | ExtrasRequest

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from PIL import Image
     from spandrel import ImageModelDescriptor
 
+    from pipelines.sd_upscaler import SdX4Upscaler
+
 UPSCALER_BUILTINS: tuple[str, ...] = ("None", "Lanczos", "Nearest")
 # A1111's upscaler folders under ``models/``, searched in this order (first one wins on a name clash).
 UPSCALER_FOLDERS: tuple[str, ...] = ("ESRGAN", "RealESRGAN", "SwinIR", "DAT")
@@ -43,6 +45,7 @@ UPSCALER_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt")
 # A1111 runs a model at most this many times to reach a wanted scale above the model's own.
 MAX_MODEL_PASSES = 3
 MIN_TILE = 16
+_SD_UPSCALER_KIND = "SD-Upscaler"  # pipelines.sd_upscaler.SD_UPSCALER_FOLDER (imported lazily: it imports us)
 DEFAULT_CACHE_SIZE = 2
 
 ProgressCallback = Callable[[int, int], None]
@@ -179,11 +182,12 @@ def _known_scale(path: Path) -> int | None:
 
 
 def list_upscalers(models_root: Path) -> list[UpscalerInfo]:
-    """Built-ins, then every model file in the upscaler folders (no model is loaded).
+    """Built-ins, then every model file in the upscaler folders (no model is loaded), then the
+    Stable Diffusion x4 upscalers of ``models/SD-Upscaler`` (see ``pipelines.sd_upscaler``).
 
     Names are the file path relative to its folder without extension (``4x-UltraSharp``,
     ``sub/model``); a name already taken by an earlier folder is prefixed with its folder
-    (``RealESRGAN/4x-UltraSharp``).
+    (``RealESRGAN/4x-UltraSharp``). SD x4 upscalers are named ``SD x4 (<file or folder>)``.
     """
     infos = [UpscalerInfo(name, None, "builtin", None) for name in UPSCALER_BUILTINS]
     taken = {name.lower() for name in UPSCALER_BUILTINS}
@@ -195,6 +199,10 @@ def list_upscalers(models_root: Path) -> list[UpscalerInfo]:
                 name = f"{folder_name}/{name}"
             taken.add(name.lower())
             infos.append(UpscalerInfo(name, path, folder_name, _known_scale(path)))
+    from pipelines.sd_upscaler import SD_UPSCALER_FOLDER, SD_UPSCALER_SCALE, list_sd_upscalers, upscaler_name
+
+    for name, path in list_sd_upscalers(models_root):
+        infos.append(UpscalerInfo(upscaler_name(name), path, SD_UPSCALER_FOLDER, SD_UPSCALER_SCALE))
     return infos
 
 
@@ -225,7 +233,7 @@ def find_upscaler(models_root: Path, name: str) -> UpscalerInfo:
     ):
         for info in infos:
             if matches(info):
-                if info.path is not None and not info.path.is_file():
+                if info.path is not None and not info.path.exists():
                     raise UpscalerFileMissingError(
                         f"Upscaler '{info.name}': file {info.path} no longer exists. Refresh the "
                         "upscaler list, or put the file back."
@@ -244,7 +252,8 @@ def find_upscaler(models_root: Path, name: str) -> UpscalerInfo:
     choices = ", ".join(info.name for info in infos)
     raise UpscalerNotFoundError(
         f"Unknown upscaler '{name}'. Choices: {choices}. Model upscalers are .safetensors/.pth files "
-        f"in {Path(models_root) / 'ESRGAN'} (or RealESRGAN, SwinIR, DAT)."
+        f"in {Path(models_root) / 'ESRGAN'} (or RealESRGAN, SwinIR, DAT); the Stable Diffusion x4 "
+        f"upscaler goes in {Path(models_root) / _SD_UPSCALER_KIND}."
     )
 
 
@@ -601,6 +610,7 @@ def upscale(
     cache: UpscalerCache | None,
     models_root: Path,
     progress: ProgressCallback | None = None,
+    sd_upscaler: SdX4Upscaler | None = None,
 ) -> Image.Image:
     """Upscale ``image`` by ``scale`` or to ``target_size`` (``(width, height)``) with ``upscaler``.
 
@@ -609,6 +619,10 @@ def upscale(
     exact size. With neither ``scale`` nor ``target_size`` a model upscales by its own factor.
     An alpha channel is resized with Lanczos and put back. ``cache=None`` loads the model for
     this call only.
+
+    An ``SD x4 (...)`` upscaler runs once through ``sd_upscaler`` (the engine passes one holding
+    its pipeline cache, memory options and the job's prompt/seed/steps; ``None`` loads the
+    pipeline for this call only with default settings); beyond 4x the rest is Lanczos.
     """
     from PIL import Image
 
@@ -622,8 +636,13 @@ def upscale(
     rgb = image.convert("RGB")
 
     descriptor = None
-    if info.path is not None:
-        descriptor = (cache or UpscalerCache(1)).get(info.path, device=device, dtype=dtype)
+    is_sd_x4 = info.kind == _SD_UPSCALER_KIND and info.path is not None
+    if is_sd_x4:
+        if scale is None and target_size is None:
+            scale = float(info.scale or 4)
+    elif info.path is not None:
+        loaded = cache if cache is not None else UpscalerCache(1)
+        descriptor = loaded.get(info.path, device=device, dtype=dtype)
         if descriptor.purpose == "FaceSR":
             raise ImageModelLoadError(
                 f"{info.path.name} is a face restoration model ({descriptor.architecture.name}); "
@@ -637,7 +656,13 @@ def upscale(
         scale = float(descriptor.scale)
     resize_to, crop_box = plan_output_size(rgb.size, scale=scale, target_size=target_size, crop=crop)
 
-    if descriptor is None:
+    if is_sd_x4:
+        from pipelines.sd_upscaler import SdX4Upscaler
+
+        runner = sd_upscaler if sd_upscaler is not None else SdX4Upscaler(progress=progress)
+        assert info.path is not None
+        result = _finish(runner.upscale_to_cover(rgb, info.path, resize_to), resize_to, crop_box)
+    elif descriptor is None:
         method = Image.Resampling.NEAREST if info.name == "Nearest" else Image.Resampling.LANCZOS
         result = rgb.resize(resize_to, resample=method) if rgb.size != resize_to else rgb.copy()
         result = result.crop(crop_box) if crop_box else result
