@@ -7,10 +7,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app.face_detection import RetinaFaceProvider
 from app.jobs.executor import LocalExecutor
 from app.settings import StudioSettings
 from app.styles import StyleStore
 from app.talking_head import TalkingHeadService
+from app.uploads import StagedUploads
 from pipelines.engine import EngineConfig, ImageEngine
 from pipelines.hashing import HashCache
 from pipelines.model_manager import ModelManager
@@ -28,6 +30,7 @@ class StudioServices:
     engine: ImageEngine
     executor: LocalExecutor
     styles: StyleStore
+    uploads: StagedUploads
     _queue_started: bool = field(default=False, init=False)
 
     @cached_property
@@ -70,11 +73,13 @@ class StudioServices:
                 lora_dir=paths.folder("lora"),
                 embeddings_dir=paths.folder("embedding"),
                 vae_dir=paths.folder("vae"),
+                face_detector=RetinaFaceProvider(settings.models_dir),
             ),
         )
         styles = StyleStore(settings.data_dir / "styles.csv")
+        uploads = StagedUploads(settings.data_dir / "uploads")  # files API clients send with a job
         talking_head = TalkingHeadService(
-            settings.models_dir, outputs_dir or settings.outputs_dir, image_engine=engine
+            settings.models_dir, outputs_dir or settings.outputs_dir, image_engine=engine, uploads=uploads
         )
         return cls(
             settings=settings,
@@ -83,4 +88,5 @@ class StudioServices:
             engine=engine,
             executor=LocalExecutor(engine, styles=styles, talking_head=talking_head),
             styles=styles,
+            uploads=uploads,
         )

@@ -1,5 +1,11 @@
 """The talking-head engine as a studio service: built on first use, with the shared face
-restorers as its enhancers, and its results shaped like image jobs for the queue."""
+restorers as its enhancers, and its results shaped like image jobs for the queue.
+
+A job's ``JobControl`` reaches the engine as its ``should_stop`` hook: Interrupt (or Skip: a talking
+head is a single "batch") stops it between frames, and the engine's ``TalkingHeadInterruptedError`` is a
+``GenerationInterruptedError``, so the queue records the job as cancelled, as an image job
+interrupted before its first image. Inputs the API staged for the job are removed once it has run.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from pipelines.job_control import JobControl, ProgressCallback, ProgressEvent
 if TYPE_CHECKING:
     import numpy as np
 
+    from app.uploads import StagedUploads
     from sadtalker.engine import TalkingHeadEngine, TalkingHeadRequest, TalkingHeadResult
 
 ENHANCER_MODELS = {"gfpgan": "GFPGAN", "RestoreFormer": "RestoreFormer"}
@@ -54,10 +61,17 @@ class TalkingHeadJobResult:
 
 
 class TalkingHeadService:
-    def __init__(self, models_root: Path, outputs_root: Path, image_engine: Any = None) -> None:
+    def __init__(
+        self,
+        models_root: Path,
+        outputs_root: Path,
+        image_engine: Any = None,
+        uploads: StagedUploads | None = None,
+    ) -> None:
         self.models_root = models_root
         self.outputs_root = outputs_root
         self.image_engine = image_engine  # shares its face-restore model cache
+        self.uploads = uploads  # where the API stages its clients' files; emptied after each job
         self._engine: TalkingHeadEngine | None = None
         self._lock = threading.Lock()
 
@@ -80,6 +94,8 @@ class TalkingHeadService:
         from pipelines.face_restore import restore_faces
 
         model = ENHANCER_MODELS[name]
+        provider = self.image_engine.config.face_detector if self.image_engine else None
+        detector = provider() if provider else None  # RetinaFace when its weights are installed
 
         def enhance(frame: np.ndarray) -> np.ndarray:
             restored = restore_faces(
@@ -87,6 +103,7 @@ class TalkingHeadService:
                 model=model,
                 cache=self.image_engine.upscaler_cache if self.image_engine else None,
                 models_root=self.models_root,
+                detector=detector,
             )
             return np.asarray(restored.image.convert("RGB"))
 
@@ -117,7 +134,13 @@ class TalkingHeadService:
                 )
             )
 
-        result = self.engine.run(request, on_progress=report)
+        should_stop = control.should_stop_batch if control is not None else None
+        try:
+            result = self.engine.run(request, on_progress=report, should_stop=should_stop)
+        finally:
+            # A crash never gets here: the requeued job then finds its inputs again.
+            if self.uploads is not None:
+                self.uploads.release(request)
         if on_progress:
             on_progress(ProgressEvent(stage="saved", message=str(result.path)))
             on_progress(ProgressEvent(stage="done"))

@@ -29,7 +29,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipelines.errors import ModelNotFoundError, StudioError
 from pipelines.upscalers import UPSCALER_SUFFIXES, ImageModelLoadError, UpscalerCache
@@ -122,6 +122,15 @@ class DetectedFace:
     box: tuple[int, int, int, int]
     landmarks: tuple[tuple[float, float], ...]
     eyes_detected: bool  # False: eyes estimated from the box
+
+
+class FaceDetector(Protocol):
+    """A face finder with five landmarks per face, e.g. RetinaFace from facexlib's weights (the app
+    builds one when ``detection_Resnet50_Final.pth`` is installed); OpenCV Haar serves otherwise."""
+
+    name: str
+
+    def __call__(self, rgb: np.ndarray) -> list[DetectedFace]: ...
 
 
 @dataclass
@@ -371,7 +380,9 @@ def _paste_mask(inverse: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.GaussianBlur(mask, (blur, blur), 0)
 
 
-def _describe_detection(faces: list[DetectedFace], total: int) -> str:
+def _describe_detection(faces: list[DetectedFace], total: int, detector: FaceDetector | None = None) -> str:
+    if detector is not None:
+        return f"Face detector: {detector.name}; {total} face(s) found."
     located = sum(face.eyes_detected for face in faces)
     return (
         f"Face detector: OpenCV Haar cascades (frontal face + eyes); {total} face(s) found, eyes "
@@ -388,6 +399,7 @@ def restore_faces(
     cache: UpscalerCache | None,
     models_root: Path,
     device: torch.device | str | None = None,
+    detector: FaceDetector | None = None,
 ) -> FaceRestoreResult:
     """Restore every face found in ``image`` with ``model`` (``GFPGAN``, ``RestoreFormer`` or a
     weights file name), then blend with the original by ``visibility`` (0: unchanged, 1: fully
@@ -396,6 +408,7 @@ def restore_faces(
     ``codeformer_weight`` (A1111's CodeFormer fidelity) only matters for CodeFormer, which
     spandrel 0.4.2 cannot load; it is validated and otherwise unused. No face found is not an
     error: the image comes back unchanged with a message, and callers decide what to tell users.
+    ``detector`` replaces the OpenCV Haar detector (see :class:`FaceDetector`).
     """
     import cv2
     import numpy as np
@@ -408,22 +421,24 @@ def restore_faces(
     rgb_image = image.convert("RGB")
     rgb = np.asarray(rgb_image)
     messages: list[str] = []
-    if (Path(models_root) / "GFPGAN" / RETINAFACE_WEIGHTS).is_file():
-        messages.append(f"{RETINAFACE_WEIGHTS} found but not used: SD Studio detects faces with OpenCV.")
+    if detector is None and (Path(models_root) / "GFPGAN" / RETINAFACE_WEIGHTS).is_file():
+        messages.append(f"{RETINAFACE_WEIGHTS} found but not used here: faces are detected with OpenCV.")
+    detect = detector or detect_faces_haar
+    detector_name = detector.name if detector is not None else DETECTOR_HAAR
 
     if visibility == 0.0:
         refuse_unsupported_restorer(model)
-        faces = detect_faces_haar(rgb)
-        messages.append(_describe_detection(faces, len(faces)))
+        faces = detect(rgb)
+        messages.append(_describe_detection(faces, len(faces), detector))
         messages.append("Visibility is 0: faces left as they were.")
-        return FaceRestoreResult(image.copy(), len(faces), DETECTOR_HAAR, messages)
+        return FaceRestoreResult(image.copy(), len(faces), detector_name, messages)
 
     name, weights = resolve_face_restorer(models_root, model)
-    faces = detect_faces_haar(rgb)
+    faces = detect(rgb)
     if not faces:
-        messages.append("No face found (OpenCV Haar cascades): image returned unchanged.")
-        return FaceRestoreResult(image.copy(), 0, DETECTOR_HAAR, messages)
-    messages.append(_describe_detection(faces, len(faces)))
+        messages.append(f"No face found ({detector_name}): image returned unchanged.")
+        return FaceRestoreResult(image.copy(), 0, detector_name, messages)
+    messages.append(_describe_detection(faces, len(faces), detector))
 
     descriptor = (cache or UpscalerCache(1)).get(weights, device=device)
     if descriptor.purpose != "FaceSR":
@@ -461,4 +476,4 @@ def restore_faces(
         result.putalpha(image.getchannel("A"))
     elif image.mode == "L":
         result = result.convert("L")
-    return FaceRestoreResult(result, len(faces), DETECTOR_HAAR, messages)
+    return FaceRestoreResult(result, len(faces), detector_name, messages)

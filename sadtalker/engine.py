@@ -15,6 +15,11 @@ memory does not grow with the clip's length; ``stage_seconds`` counts each stage
 ``load`` for reading model files, 0 once they are cached). The networks are loaded on first use and
 kept on the engine. The video lands in ``outputs/talking-head/`` with a JSON sidecar of the parameters,
 both written atomically: a failure leaves no partial file behind.
+
+``should_stop`` (a callable the caller flips, e.g. a job queue's interrupt flag) is asked between
+stages, between render batches and before every frame is enhanced and encoded; once it answers True
+the run raises :class:`TalkingHeadInterruptedError` and, like any failure, leaves no file in the outputs.
+The hook is a plain callable so the engine needs nothing from whoever runs it.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from sadtalker.errors import SadTalkerError
+from sadtalker.errors import SadTalkerError, TalkingHeadInterruptedError
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +53,7 @@ STAGES = ("preprocess", "audio2coeff", "render", "enhance", "encode")
 MAX_SEED = 2**32 - 1
 
 ProgressCallback = Callable[[str, int, int], None]
+StopCheck = Callable[[], bool]  # True once the caller wants the job stopped
 FrameEnhancer = Callable[[np.ndarray], np.ndarray]
 EnhancerLoader = Callable[[str], FrameEnhancer]
 
@@ -149,7 +155,7 @@ class TalkingHeadEngine:
 
         with self._load_lock:
             if self._landmarker is None:
-                self._landmarker = create_landmarker(self.models_dir)
+                self._landmarker = create_landmarker(self.models_dir, device=self.device)
             return self._landmarker
 
     # --- the job ----------------------------------------------------------------------------------
@@ -159,11 +165,14 @@ class TalkingHeadEngine:
         request: TalkingHeadRequest,
         on_progress: ProgressCallback | None = None,
         enhance: FrameEnhancer | None = None,
+        should_stop: StopCheck | None = None,
     ) -> TalkingHeadResult:
         """Render ``request`` to ``outputs/talking-head/<stamp>-<image>-<seed>.mp4`` (+ ``.json``).
 
         ``enhance`` (RGB uint8 frame -> frame) overrides the engine's ``enhancer_loader`` for
-        ``request.enhancer``. Raises :class:`SadTalkerError` subclasses with user-facing messages.
+        ``request.enhancer``. ``should_stop`` is polled between stages and frames: when it returns
+        True the run raises :class:`TalkingHeadInterruptedError` and keeps no file. Raises
+        :class:`SadTalkerError` subclasses with user-facing messages.
         """
         from sadtalker.audio import speech_to_mel_windows
         from sadtalker.audio_io import load_audio
@@ -179,6 +188,7 @@ class TalkingHeadEngine:
         from sadtalker.render import FrameRenderer, HeadAngles
 
         report = on_progress or (lambda stage, done, total: None)
+        stop_point = _stop_point(should_stop)
         clock = _StageClock()
         seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
         enhancer = self._resolve_enhancer(request, enhance)
@@ -192,20 +202,24 @@ class TalkingHeadEngine:
         with clock.stage("preprocess"):
             photo = load_image(request.image)
 
+        stop_point("before loading the models")
         with clock.stage("load"):
             models = self.models(request.size)
             mapping = self.mapping(request.preprocess)
             landmarker = self.landmarker()
+        stop_point("during preprocess")
         with clock.stage("preprocess"):
             face = prepare_face(photo, request.preprocess, request.size, landmarker)
             source = source_coefficients(models.face_3drecon, face, self.device)
             references: dict[Path, np.ndarray] = {}
             for video in dict.fromkeys(path for path in (request.ref_eyeblink, request.ref_pose) if path):
+                stop_point("during preprocess")
                 references[video] = reference_video_coefficients(
                     video, request.preprocess, landmarker, models.face_3drecon, self.device, max_frames=frames
                 )
         report("preprocess", 1, 1)
 
+        stop_point("during audio2coeff")
         report("audio2coeff", 0, 1)
         with clock.stage("audio2coeff"):
             predicted = predict_coefficients(
@@ -234,6 +248,7 @@ class TalkingHeadEngine:
             )
         report("audio2coeff", 1, 1)
 
+        stop_point("before render")
         with clock.stage("render"):
             renderer = FrameRenderer(
                 kp_extractor=models.kp_extractor,
@@ -256,6 +271,7 @@ class TalkingHeadEngine:
             duration=audio.duration,
             clock=clock,
             report=report,
+            stop_point=stop_point,
             extra={"landmarks": landmarker.name, "device": str(self.device), "output_size": [width, height]},
         )
 
@@ -314,6 +330,7 @@ class TalkingHeadEngine:
         duration: float,
         clock: _StageClock,
         report: ProgressCallback,
+        stop_point: Callable[[str], None],
         extra: dict[str, object],
     ) -> TalkingHeadResult:
         from pipelines.outputs import atomic_write_bytes
@@ -333,6 +350,7 @@ class TalkingHeadEngine:
                     done["render"] += len(batch)
                     report("render", done["render"], total)
                     for frame in batch:
+                        stop_point(f"during render ({done['encode']} of {total} frames done)")
                         with clock.stage("render"):
                             finished = finish(frame)
                         if enhancer is not None:
@@ -345,11 +363,13 @@ class TalkingHeadEngine:
                     if enhancer is not None:
                         report("enhance", done["enhance"], total)
                     report("encode", done["encode"], total)
+                    stop_point(f"during render ({done['encode']} of {total} frames done)")
                     batch_started[0] = time.perf_counter()
 
                 batch_started = [time.perf_counter()]
                 report("render", 0, total)
                 renderer.render(sink, batch_size=request.batch_size)
+            stop_point("before adding the audio")
             with clock.stage("encode"):
                 mux_audio(silent_video, audio_path, muxed_video, duration)
                 discard(silent_video)
@@ -382,6 +402,18 @@ class TalkingHeadEngine:
             stage_seconds=seconds,
             seed=seed,
         )
+
+
+def _stop_point(should_stop: StopCheck | None) -> Callable[[str], None]:
+    """``stop_point(where)`` raises :class:`TalkingHeadInterruptedError` once ``should_stop()`` is True."""
+
+    def stop_point(where: str) -> None:
+        if should_stop is not None and should_stop():
+            raise TalkingHeadInterruptedError(
+                f"The talking head was interrupted {where}; no video was saved."
+            )
+
+    return stop_point
 
 
 def _enhanced(enhancer: FrameEnhancer, frame: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipelines.errors import CheckpointLoadError, StudioError
+from pipelines.errors import CheckpointLoadError, GenerationInterruptedError, StudioError
 
 
 class SadTalkerError(StudioError):
@@ -35,3 +35,11 @@ class NoFaceError(SadTalkerError):
 
 class VideoEncodingError(SadTalkerError):
     """ffmpeg failed to encode or mux the result video."""
+
+
+class TalkingHeadInterruptedError(SadTalkerError, GenerationInterruptedError):
+    """The caller's stop hook asked the job to stop; no video (nor a partial file) was kept.
+
+    Also a :class:`GenerationInterruptedError`, so a job queue that handles image jobs' interrupts
+    records a talking-head job stopped this way the same way (cancelled, not failed).
+    """

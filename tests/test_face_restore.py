@@ -209,3 +209,59 @@ def test_gfpgan_restores_through_spandrel(astronaut: Image.Image, tmp_path: Path
     assert result.faces_found >= 1 and result.image.size == astronaut.size
     assert any("GFPGAN (GFPGANv1.4.safetensors) restored" in message for message in result.messages)
     assert not np.array_equal(np.asarray(result.image), np.asarray(astronaut))
+
+
+class RenamedHaar:
+    """A stand-in five-point detector: Haar's faces, reported under another name."""
+
+    name = "test detector"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, rgb: np.ndarray) -> list[face_restore.DetectedFace]:
+        self.calls += 1
+        return detect_faces_haar(rgb)
+
+
+def test_a_given_detector_replaces_haar(
+    astronaut: Image.Image, models_root: Path, cache: UpscalerCache
+) -> None:
+    detector = RenamedHaar()
+    result = restore_faces(
+        astronaut, model="RestoreFormer", cache=cache, models_root=models_root, detector=detector
+    )
+    assert detector.calls == 1 and result.detector == "test detector"
+    assert "Face detector: test detector; 1 face(s) found." in result.messages
+    assert not np.array_equal(np.asarray(result.image), np.asarray(astronaut))
+
+
+def test_retinaface_weights_in_models_give_the_restorer_retinaface(tmp_path: Path) -> None:
+    from app.face_detection import DETECTOR_FILE, RetinaFaceProvider, RetinaFaceRestoreDetector
+    from sadtalker.face_detection import FaceDetection, RetinaFaceNet
+
+    provider = RetinaFaceProvider(tmp_path, device="cpu")
+    assert provider() is None  # no weights: the engine falls back to OpenCV Haar
+    (tmp_path / "GFPGAN").mkdir()
+    torch.manual_seed(0)
+    torch.save(RetinaFaceNet().state_dict(), tmp_path / "GFPGAN" / DETECTOR_FILE)
+    detector = provider()
+    assert isinstance(detector, RetinaFaceRestoreDetector) and provider() is detector  # loaded once
+
+    class Scripted:
+        def detect(self, rgb: np.ndarray) -> list[FaceDetection]:
+            points = np.array([[30, 40], [70, 40], [50, 60], [35, 80], [65, 80]], dtype=np.float32)
+            return [FaceDetection(box=(10.5, 20.0, 90.0, 100.0), score=0.99, five_points=points)]
+
+    (face,) = RetinaFaceRestoreDetector(Scripted())(np.zeros((120, 120, 3), dtype=np.uint8))
+    assert face.box == (10, 20, 79, 80)
+    assert face.landmarks[0] == (30.0, 40.0) and face.landmarks[4] == (65.0, 80.0)
+    assert alignment_matrix(face.landmarks) is not None
+
+
+def test_the_studio_engine_asks_for_retinaface_per_job(studio) -> None:
+    from app.face_detection import RetinaFaceProvider
+
+    provider = studio.engine.config.face_detector
+    assert isinstance(provider, RetinaFaceProvider)
+    assert provider.models_root == studio.settings.models_dir

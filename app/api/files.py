@@ -1,8 +1,8 @@
-"""``GET /studio/v1/files/{path}``: result images, served from the outputs folder and nowhere else.
+"""``GET /studio/v1/files/{path}``: result files, served from the outputs folder and nowhere else.
 
 The path is resolved (symlinks and ``..`` included) and must land inside ``outputs_dir``; hidden
-names (temp files, counter reservations) and file types other than images and their text
-sidecars are refused. Every refusal is a plain 404, so the answer says nothing about what exists
+names (temp files, counter reservations) and file types other than images, talking-head MP4s and
+their JSON sidecars are refused. Every refusal is a plain 404, so the answer says nothing about what exists
 outside the folder.
 """
 
@@ -15,7 +15,14 @@ from fastapi.responses import FileResponse
 
 from app.api.context import FILES_PREFIX, ApiContext
 
-SERVED_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+SERVED_SUFFIXES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+    ".mp4": "video/mp4",
+    ".json": "application/json",
+}
 
 
 def resolve_output_file(outputs_dir: Path, requested: str) -> Path | None:
@@ -47,10 +54,14 @@ def files_router(context: ApiContext) -> APIRouter:
     @router.get(
         "/{path:path}",
         response_class=FileResponse,
-        responses={200: {"content": {"image/png": {}}}, 404: {"description": "No such output file"}},
+        responses={
+            200: {"content": {media: {} for media in sorted(set(SERVED_SUFFIXES.values()))}},
+            404: {"description": "No such output file"},
+        },
     )
     def get_output_file(path: str) -> FileResponse:
-        """An output image by its path inside the outputs folder (as given in job result links)."""
+        """An output file (image, video or sidecar) by its path inside the outputs folder, as given
+        in job result links."""
         found = resolve_output_file(context.outputs_dir, path)
         if found is None:
             raise HTTPException(status_code=404, detail="No such output file.")

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.requests import ExtrasRequest, Img2ImgRequest, Txt2ImgRequest
+from sadtalker.engine import TalkingHeadRequest
 
 API_ONLY_FIELDS = {"script_name", "script_args", "alwayson_scripts", "force_task_id", "infotext"}
 
@@ -187,12 +188,34 @@ class OptionsUpdate(BaseModel):
 
 # --- /studio/v1 -------------------------------------------------------------------------------
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+_UPLOAD_NOTE = "Base64 of the file, as a data: URL or bare. File paths are refused (422)."
+
+
+class TalkingHeadApiRequest(TalkingHeadRequest):
+    """A talking-head job (``mode: talking_head``): the engine's fields, with the files sent inline.
+
+    The server decodes each file, checks it (the portrait must be an image, the speech decodable
+    audio), stores it under a name of its own and runs the job on that copy; the copy is removed
+    once the job has run.
+    """
+
+    model_config = ConfigDict(extra="forbid", title="TalkingHeadJob")
+
+    # Paths in the engine's model; here the files themselves (base64).
+    image: str = Field(..., description=f"The portrait (PNG/JPEG/WebP). {_UPLOAD_NOTE}")
+    audio: str = Field(..., description=f"The speech (wav, mp3, m4a, flac...). {_UPLOAD_NOTE}")
+    ref_eyeblink: str | None = Field(None, description=f"Eye blinks to copy (a video). {_UPLOAD_NOTE}")
+    ref_pose: str | None = Field(None, description=f"Head motion to copy (a video). {_UPLOAD_NOTE}")
 
 
 class JobLinks(BaseModel):
     self: str
     events: str
-    images: list[str] = Field(default_factory=list)
+    images: list[str] = Field(default_factory=list, description="Result images.")
+    videos: list[str] = Field(default_factory=list, description="Result videos (talking-head MP4s).")
+    sidecars: list[str] = Field(
+        default_factory=list, description="JSON records of a video's parameters and timings."
+    )
 
 
 class JobAccepted(BaseModel):

@@ -5,6 +5,10 @@ done; ``GET /studio/v1/jobs/{id}`` gives its state, place in the queue, progress
 ``DELETE`` cancels it (or interrupts it if it is running); ``GET /studio/v1/jobs/{id}/events`` is
 a Server-Sent Events stream of progress (with optional live previews) that ends with the final
 state. With auth on, each user sees only their own jobs.
+
+Talking-head jobs (``mode: talking_head``) send their portrait and speech as base64 (see
+``app/api/talking_head_jobs.py``); their MP4 and its JSON sidecar are linked under ``links.videos``
+and ``links.sidecars``, served by the same file route as images.
 """
 
 from __future__ import annotations
@@ -16,23 +20,46 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import Field
+from pydantic import Discriminator, Tag
 from starlette.concurrency import run_in_threadpool
 
 from app.api.context import JOBS_PREFIX, ApiContext
 from app.api.images import sanitise_request_images
 from app.api.previews import latent_preview_png
-from app.api.schemas import JobAccepted, JobList, JobView
+from app.api.schemas import JobAccepted, JobList, JobView, TalkingHeadApiRequest
 from app.api.security import Caller
+from app.api.talking_head_jobs import submit_talking_head_job
 from pipelines.requests import ExtrasRequest, Img2ImgRequest, Txt2ImgRequest
 
-JobBody = Annotated[Txt2ImgRequest | Img2ImgRequest | ExtrasRequest, Field(discriminator="mode")]
+IMAGE_MODES = "txt2img|img2img|extras"
+
+
+def _job_family(body: Any) -> str:
+    mode = body.get("mode") if isinstance(body, dict) else getattr(body, "mode", None)
+    return "talking_head" if mode == "talking_head" else IMAGE_MODES
+
+
+# A talking-head body is validated against its own model only, so its 422s name just its fields.
+# Image bodies keep going through the plain union of their three models, as before (pydantic picks
+# the model that fits; a body without ``mode`` is still accepted).
+ImageJobBody = Txt2ImgRequest | Img2ImgRequest | ExtrasRequest
+JobBody = Annotated[
+    Annotated[ImageJobBody, Tag(IMAGE_MODES)] | Annotated[TalkingHeadApiRequest, Tag("talking_head")],
+    Discriminator(_job_family),
+]
+VIDEO_SUFFIXES = (".mp4",)
 EVENT_POLL_SECONDS = 0.25
 PREVIEW_EVERY_SECONDS = 1.0
 
 
 def job_view(context: ApiContext, status: Any) -> dict[str, Any]:
-    links = [link for path in status.images if (link := context.file_link(path)) is not None]
+    images: list[str] = []
+    videos: list[str] = []
+    for path in status.images:
+        if (link := context.file_link(path)) is not None:
+            (videos if str(path).lower().endswith(VIDEO_SUFFIXES) else images).append(link)
+    sidecar = (status.info or {}).get("sidecar") if status.kind == "talking_head" else None
+    sidecars = [link] if sidecar and (link := context.file_link(sidecar)) is not None else []
     return {
         "id": status.id,
         "kind": status.kind,
@@ -48,7 +75,9 @@ def job_view(context: ApiContext, status: Any) -> dict[str, Any]:
         "links": {
             "self": f"{JOBS_PREFIX}/{status.id}",
             "events": f"{JOBS_PREFIX}/{status.id}/events",
-            "images": links,
+            "images": images,
+            "videos": videos,
+            "sidecars": sidecars,
         },
     }
 
@@ -69,9 +98,13 @@ def studio_router(context: ApiContext) -> APIRouter:
         return {"status": "ok", "queued": len(context.queue.store.queued_ids())}
 
     @router.post("/jobs", status_code=202, response_model=JobAccepted)
-    async def submit_job(body: JobBody = Body(...), caller: Caller = caller_dependency) -> Any:  # noqa: B008
-        """Queue a job (``mode``: txt2img, img2img or extras; A1111 field names) and return its id
-        at once. 429 when the queue is full."""
+    async def submit_job(body: Annotated[JobBody, Body()], caller: Caller = caller_dependency) -> Any:
+        """Queue a job (``mode``: txt2img, img2img, extras, or talking_head; A1111 field names for
+        images) and return its id at once. A talking head's files are sent as base64; 422 names a
+        field whose file is unusable. 429 when the queue is full."""
+        if isinstance(body, TalkingHeadApiRequest):
+            job_id = await run_in_threadpool(submit_talking_head_job, context, body, caller.owner)
+            return await _accepted(context, job_id)
         payload = await run_in_threadpool(sanitise_request_images, body.model_dump(mode="json"))
         settings = payload.get("override_settings")
         if isinstance(settings, dict):
@@ -80,9 +113,7 @@ def studio_router(context: ApiContext) -> APIRouter:
             context.pin_checkpoint(settings)
         request = type(body).model_validate(payload)
         job_id = await context.submit(request, caller)
-        status = await run_in_threadpool(context.queue.status, job_id)
-        view = job_view(context, status)
-        return {"id": job_id, "state": view["state"], "position": view["position"], "links": view["links"]}
+        return await _accepted(context, job_id)
 
     @router.get("/jobs", response_model=JobList)
     def list_jobs(limit: int = Query(50, ge=1, le=500), caller: Caller = caller_dependency) -> Any:
@@ -123,6 +154,12 @@ def studio_router(context: ApiContext) -> APIRouter:
     return router
 
 
+async def _accepted(context: ApiContext, job_id: str) -> dict[str, Any]:
+    status = await run_in_threadpool(context.queue.status, job_id)
+    view = job_view(context, status)
+    return {"id": job_id, "state": view["state"], "position": view["position"], "links": view["links"]}
+
+
 async def _event_stream(
     context: ApiContext, job_id: str, request: Request, previews: bool
 ) -> AsyncIterator[str]:
@@ -145,6 +182,7 @@ async def _event_stream(
                 for k in ("id", "state", "position", "progress", "step", "steps", "eta_seconds", "message")
             }
             event["images"] = view["links"]["images"]  # outputs saved so far
+            event["videos"] = view["links"]["videos"]
             if (
                 previews
                 and status.latents is not None

@@ -216,6 +216,18 @@ class JobStore:
                     order.append(per_owner[owner].pop(0))
         return order
 
+    def active_requests(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """The requests of queued and running jobs (of ``kind`` only, when given), e.g. to tell
+        which staged uploads are still needed."""
+        query = "SELECT request FROM jobs WHERE state IN ('queued', 'running')"
+        params: tuple[Any, ...] = ()
+        if kind is not None:
+            query += " AND kind = ?"
+            params = (kind,)
+        with self._lock:
+            rows = self._db.execute(query, params).fetchall()
+        return [json.loads(row["request"]) for row in rows]
+
     def list(self, *, owner: str | None = None, limit: int = 100) -> list[JobRecord]:
         query = "SELECT * FROM jobs"
         params: tuple[Any, ...] = ()

@@ -41,10 +41,22 @@ def build(services: StudioServices) -> TalkingHeadTab:
     with gr.Row():
         with gr.Column():
             image = gr.Image(label="Portrait", type="filepath", elem_id="talking_head_image")
-            audio = gr.Audio(label="Speech", type="filepath", sources=["upload", "microphone"])
+            audio = gr.Audio(
+                label="Speech",
+                type="filepath",
+                sources=["upload", "microphone"],
+                elem_id="talking_head_audio",
+            )
             with gr.Row():
-                pose_style = gr.Slider(label="Pose style", step=1, **_bounds("pose_style"))
-                expression = gr.Slider(label="Expression scale", step=0.05, **_bounds("expression_scale"))
+                pose_style = gr.Slider(
+                    label="Pose style", step=1, elem_id="talking_head_pose_style", **_bounds("pose_style")
+                )
+                expression = gr.Slider(
+                    label="Expression scale",
+                    step=0.05,
+                    elem_id="talking_head_expression_scale",
+                    **_bounds("expression_scale"),
+                )
             with gr.Row():
                 size = gr.Radio(label="Face resolution", choices=[256, 512], value=256)
                 preprocess = gr.Dropdown(
@@ -54,15 +66,22 @@ def build(services: StudioServices) -> TalkingHeadTab:
                     label="Face enhancer", choices=["none", "gfpgan", "RestoreFormer"], value="none"
                 )
             with gr.Row():
-                still = gr.Checkbox(label="Still (little head motion)", value=False)
-                batch_size = gr.Slider(label="Frames per batch", step=1, **_bounds("batch_size"))
-                seed = gr.Number(label="Seed", value=-1, precision=0)
+                still = gr.Checkbox(
+                    label="Still (little head motion)", value=False, elem_id="talking_head_still"
+                )
+                batch_size = gr.Slider(
+                    label="Frames per batch",
+                    step=1,
+                    elem_id="talking_head_batch_size",
+                    **_bounds("batch_size"),
+                )
+                seed = gr.Number(label="Seed", value=-1, precision=0, elem_id="talking_head_seed")
             with gr.Accordion("Reference videos", open=False):
                 ref_eyeblink = gr.Video(label="Copy eye blinks from")
                 ref_pose = gr.Video(label="Copy head motion from")
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="talking_head_generate")
-                cancel = gr.Button("Cancel")
+                cancel = gr.Button("Cancel", elem_id="talking_head_cancel")
         with gr.Column():
             status = gr.Markdown("", elem_id="talking_head_status")
             video = gr.Video(label="Result", elem_id="talking_head_video")
