@@ -38,11 +38,22 @@ def upscaler_choices(services: StudioServices) -> list[str]:
     return [info.name for info in list_upscalers(services.settings.models_dir)]
 
 
-def folder_images(folder: str) -> list[Path]:
-    """The images directly inside ``folder``, sorted by name; errors name the folder."""
-    path = Path(folder.strip()).expanduser()
+def folder_images(folder: str, outputs_root: Path) -> list[Path]:
+    """The images directly inside ``folder``, sorted by name; errors name the folder.
+
+    Only folders inside the outputs folder are read (a relative path is taken from there): the UI
+    may be served to a network, and the studio never reads other files of its machine for a page.
+    """
     if not folder.strip():
         raise ValueError("Batch from directory: type the input folder's path.")
+    root = Path(outputs_root).resolve()
+    path = (root / Path(folder.strip()).expanduser()).resolve()
+    if path != root and root not in path.parents:
+        raise ValueError(
+            f"Batch from directory reads folders inside the outputs folder ({root}) only; the studio "
+            "does not read other files of its machine for the web page. Copy the images into a folder "
+            f"there (e.g. {root / 'batch-input'}) and type that folder."
+        )
     if not path.is_dir():
         raise ValueError(f"Batch from directory: {path} is not a folder on the studio machine.")
     images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -74,10 +85,13 @@ def build(services: StudioServices) -> ExtrasTab:
                 with gr.Tab("Batch from Directory", id="folder") as tab_folder:
                     folder = gr.Textbox(
                         label="Input directory",
-                        placeholder="A folder on the studio machine, e.g. /home/me/pictures",
+                        placeholder="A folder inside the outputs folder, e.g. batch-input",
                         elem_id=f"{PREFIX}_input_dir",
                     )
-                    gr.Markdown("Results are written to the studio's outputs folder (`extras/<date>`).")
+                    gr.Markdown(
+                        "Reads a folder inside the studio's outputs folder (relative paths start there); "
+                        "results are written to `extras/<date>`."
+                    )
             for tab, name in ((tab_single, "single"), (tab_batch, "batch"), (tab_folder, "folder")):
                 tab.select(lambda name=name: name, outputs=mode, queue=False, show_progress="hidden")
             with gr.Tabs():
@@ -141,7 +155,7 @@ def build(services: StudioServices) -> ExtrasTab:
                 raise ValueError("Batch Process: drop one or more images first.")
             return [str(getattr(item, "name", item)) for item in uploaded]
         if active == "folder":
-            return [str(path) for path in folder_images(data[folder] or "")]
+            return [str(path) for path in folder_images(data[folder] or "", services.settings.outputs_dir)]
         if data[image] is None:
             raise ValueError("Extras: upload an image first.")
         return [encode_png(data[image])]

@@ -62,6 +62,13 @@ def apply_settings(services: StudioServices, changes: dict[str, Any]) -> list[st
         )
     changes = {**changes, "default_sampler": sampler, "default_scheduler": schedule}
     changes["outputs_dir"] = Path(str(changes["outputs_dir"]).strip()).expanduser()
+    if settings.listen and Path(changes["outputs_dir"]) != Path(settings.outputs_dir):
+        # The output folder is what the page may read files from: over a network that is for the
+        # studio's admin to set (flag or config file), not for whoever has a login.
+        raise ValueError(
+            "The output folder cannot be changed from the page while the studio serves a network "
+            "(--listen); set --outputs-dir or data/config.json on the studio machine."
+        )
     # validate everything on a copy first: a bad value must not leave half the settings changed
     StudioSettings.model_validate({**settings.model_dump(), **changes})
     before = {name: getattr(settings, name) for name in SAVED_FIELDS}
@@ -162,6 +169,7 @@ def build(services: StudioServices) -> None:
             components["outputs_dir"] = gr.Textbox(
                 label="Output folder (images go to <folder>/<mode>/<date>/)",
                 value=lambda: str(services.settings.outputs_dir),
+                interactive=not services.settings.listen,
                 elem_id=f"{PREFIX}_outputs_dir",
             )
     with gr.Row():

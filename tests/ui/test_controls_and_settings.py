@@ -165,3 +165,30 @@ def test_bad_settings_change_nothing(fresh_services) -> None:
         apply_settings(fresh_services, _changes(fresh_services, memory_preset="cpu", live_preview_every=0))
     assert fresh_services.settings.memory_preset == "auto"
     assert not fresh_services.settings.config_file.exists()
+
+
+def test_batch_from_directory_reads_only_inside_the_outputs_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from app.ui.extras_tab import folder_images
+
+    outputs = tmp_path / "outputs"
+    (outputs / "batch-input").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(outputs / "batch-input" / "a.png")
+    (tmp_path / "private").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "private" / "b.png")
+    assert [p.name for p in folder_images("batch-input", outputs)] == ["a.png"]
+    assert [p.name for p in folder_images(str(outputs / "batch-input"), outputs)] == ["a.png"]
+    for outside in (str(tmp_path / "private"), "../private", "/etc"):
+        with pytest.raises(ValueError, match="inside the outputs folder"):
+            folder_images(outside, outputs)
+
+
+def test_output_folder_is_fixed_from_the_page_when_serving_a_network(fresh_services, tmp_path: Path) -> None:
+    from app.ui.settings_tab import apply_settings
+
+    fresh_services.settings.listen = True
+    with pytest.raises(ValueError, match="--listen"):
+        apply_settings(fresh_services, _changes(fresh_services, outputs_dir=str(tmp_path / "elsewhere")))
+    assert apply_settings(fresh_services, _changes(fresh_services, live_preview="none"))  # others still work
+    assert fresh_services.settings.outputs_dir == tmp_path / "out"
