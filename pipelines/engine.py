@@ -28,7 +28,7 @@ from pipelines.requests import (
     Txt2ImgRequest,
     random_seed,
 )
-from pipelines.sampling import decode_latents, denoise, latent_shape, task_pipeline
+from pipelines.sampling import decode_latents, denoise, latent_shape, seamless_tiling, task_pipeline
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -259,10 +259,13 @@ class ImageEngine:
             job = _Job(request=request, loaded=loaded, control=control, on_progress=on_progress, notes=notes)
             if vae is not None:
                 job.extra_infotext.update({"VAE hash": vae[1], "VAE": vae[0]})
+            if request.tiling:
+                job.extra_infotext["Tiling"] = True
             preset: str | None = None
             while True:
                 try:
-                    images = mode(job, preset)
+                    with seamless_tiling([loaded.pipe.unet, loaded.pipe.vae], enabled=bool(request.tiling)):
+                        images = mode(job, preset)
                     break
                 except Exception as exc:
                     if not is_out_of_memory(exc):
@@ -414,6 +417,30 @@ class ImageEngine:
         self._prepare_pipe(runner, job.loaded.family.base, preset, job.notes)
         return runner
 
+    def _restore_faces(self, job: _Job, images: list[Image.Image]) -> list[Image.Image]:
+        """A1111's "Restore faces" on freshly generated images (before an inpaint is pasted back,
+        so pixels outside the mask stay the input's)."""
+        request = job.request
+        if not request.restore_faces:
+            return images
+        from pipelines.face_restore import restore_faces
+
+        model = request.face_restoration_model
+        detector = self.config.face_detector() if self.config.face_detector else None
+        restored = []
+        for image in images:
+            result = restore_faces(
+                image,
+                model=model,
+                cache=self.upscaler_cache,
+                models_root=self._models_root(),
+                detector=detector,
+            )
+            job.notes.extend(message for message in result.messages if message not in job.notes)
+            restored.append(result.image)
+        job.extra_infotext["Face restoration"] = model
+        return restored
+
     def _save(self, job: _Job, image: Image.Image, seed: int, subseed: int, folder: str) -> SavedImage:
         from pipelines.outputs import dated_output_dir, save_image_atomically
 
@@ -516,6 +543,7 @@ class ImageEngine:
                 else:
                     self._decoding(job, batch_index)
                     images = decode_latents(pipe, latents, job.notes)
+                images = self._restore_faces(job, images)
                 for i, image in enumerate(images):
                     saved.append(self._save(job, image, seeds[i], subseeds[i], folder))
         return saved
@@ -754,7 +782,7 @@ class ImageEngine:
         if latents is None:
             return None
         self._decoding(job, batch_index)
-        images = decode_latents(pipe, latents, job.notes)
+        images = self._restore_faces(job, decode_latents(pipe, latents, job.notes))
         return [plan.finish(image) for plan, image in zip(plans, images, strict=True)]
 
     # extras ----------------------------------------------------------------------------------

@@ -374,6 +374,12 @@ def infotext_to_request_fields(info: InfoText) -> dict[str, object]:
     put("refiner_checkpoint", info.params.get("Refiner"))
     put("refiner_switch_at", _safe(lambda: info.get_float("Refiner switch at")))
 
+    if info.params.get("Face restoration"):
+        fields["restore_faces"] = True
+        overrides["face_restoration_model"] = info.params["Face restoration"]
+    if str(info.params.get("Tiling", "")).lower() == "true":
+        fields["tiling"] = True
+
     model = info.params.get("Model") or info.params.get("Model hash")
     if model:
         overrides["sd_model_checkpoint"] = model

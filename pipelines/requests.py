@@ -49,8 +49,12 @@ class GenerationRequest(BaseModel):
     eta: float | None = Field(
         None, ge=0.0, le=1.0, description="Noise multiplier for ancestral/DDIM samplers."
     )
-    restore_faces: bool | None = None
-    tiling: bool | None = None
+    restore_faces: bool | None = Field(
+        None,
+        description="Restore faces in each image (override_settings.face_restoration_model: GFPGAN by "
+        "default, or RestoreFormer).",
+    )
+    tiling: bool | None = Field(None, description="Seamless tiling: the image wraps around at its edges.")
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     override_settings: dict[str, Any] = Field(
@@ -162,6 +166,12 @@ class GenerationRequest(BaseModel):
     def vae(self) -> str | None:
         name = self.override_settings.get("sd_vae")
         return str(name) if name else None
+
+    @property
+    def face_restoration_model(self) -> str:
+        """A1111's ``face_restoration_model`` setting, per job (GFPGAN when not given)."""
+        name = self.override_settings.get("face_restoration_model")
+        return str(name) if name else "GFPGAN"
 
     @property
     def image_count(self) -> int:

@@ -8,7 +8,8 @@ Sampling always returns latents; decoding is ours so a half-precision VAE that p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipelines.job_control import JobControl, ProgressCallback, ProgressEvent
@@ -204,3 +205,25 @@ def encode_to_latents(pipe: Any, images: list[Image.Image], *, width: int, heigh
     else:
         latents = latents * config.scaling_factor
     return latents.to(dtype=pipe.unet.dtype)
+
+
+@contextmanager
+def seamless_tiling(modules: Iterable[Any], *, enabled: bool) -> Iterator[None]:
+    """A1111's "Tiling": every 2-D convolution of ``modules`` (the UNet and the VAE) pads circularly
+    for the job, so the picture wraps around at its edges; the padding is put back afterwards."""
+    if not enabled:
+        yield
+        return
+    import torch
+
+    changed: list[tuple[Any, str]] = []
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Conv2d) and layer.padding_mode != "circular":
+                changed.append((layer, layer.padding_mode))
+                layer.padding_mode = "circular"
+    try:
+        yield
+    finally:
+        for layer, mode in changed:
+            layer.padding_mode = mode

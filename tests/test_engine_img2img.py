@@ -231,3 +231,54 @@ def test_variation_seeds_apply_to_img2img_and_inpaint(studio, tmp_path: Path) ->
         assert "Variation seed: 7, Variation seed strength: 0.5" in varied.infotext
         if "mask" in extra:  # the kept area is still the input's, exactly
             assert np.array_equal(pixels(varied.image)[:8], pixels(source)[:8])
+
+
+def test_tiling_wraps_the_image_and_is_undone_after_the_job(studio) -> None:
+    request = {**COMMON, "width": 64, "height": 64}
+    plain = studio.engine.txt2img(Txt2ImgRequest(**request)).images[0]
+    tiled = studio.engine.txt2img(Txt2ImgRequest(**request, tiling=True)).images[0]
+    again = studio.engine.txt2img(Txt2ImgRequest(**request)).images[0]
+    assert not np.array_equal(pixels(plain.image), pixels(tiled.image))
+    assert np.array_equal(pixels(plain.image), pixels(again.image))
+    assert "Tiling: True" in tiled.infotext and "Tiling" not in plain.infotext
+
+
+class CentreFace:
+    """A stand-in five-point detector: one face in the middle of a 64 x 64 picture."""
+
+    name = "centre face"
+
+    def __call__(self, rgb: np.ndarray) -> list:
+        from pipelines.face_restore import DetectedFace
+
+        points = ((22.0, 26.0), (42.0, 26.0), (32.0, 36.0), (25.0, 46.0), (39.0, 46.0))
+        return [DetectedFace(box=(12, 12, 40, 44), landmarks=points, eyes_detected=True)]
+
+
+def test_restore_faces_runs_on_generated_images(studio, tmp_path: Path, monkeypatch) -> None:
+    from safetensors.torch import save_file
+
+    from pipelines.errors import StudioError
+    from tests.test_face_restore import _tiny_restoreformer
+
+    request = {**COMMON, "width": 64, "height": 64}
+    with pytest.raises(StudioError, match="GFPGAN"):  # no weights in the test models: said clearly
+        studio.engine.txt2img(Txt2ImgRequest(**request, restore_faces=True))
+    (tmp_path / "GFPGAN").mkdir()
+    save_file(_tiny_restoreformer(seed=0), tmp_path / "GFPGAN" / "RestoreFormer.safetensors")
+    monkeypatch.setattr(studio.engine.config, "models_root", tmp_path)
+    monkeypatch.setattr(studio.engine.config, "face_detector", CentreFace)
+    choice = {"override_settings": {"face_restoration_model": "RestoreFormer"}}
+    plain = studio.engine.txt2img(Txt2ImgRequest(**request)).images[0]
+    restored = studio.engine.txt2img(Txt2ImgRequest(**request, **choice, restore_faces=True)).images[0]
+    assert not np.array_equal(pixels(plain.image), pixels(restored.image))
+    assert "Face restoration: RestoreFormer" in restored.infotext
+    source = picture(tmp_path / "in.png")
+    mask = mask_file(tmp_path / "mask.png", (64, 64), (16, 16, 40, 40))
+    inpainted = studio.engine.img2img(
+        Img2ImgRequest(
+            **request, **choice, init_images=[str(source)], mask=str(mask), mask_blur=0, restore_faces=True
+        )
+    ).images[0]
+    keep = np.array(Image.open(mask)) == 0
+    assert np.array_equal(pixels(inpainted.image)[keep], pixels(source)[keep])

@@ -343,3 +343,13 @@ def test_request_fields_from_old_first_pass_size_hires() -> None:
     assert (fields["width"], fields["height"]) == (512, 512)
     assert (fields["hr_resize_x"], fields["hr_resize_y"]) == (1024, 1024)
     assert fields["enable_hr"] is True
+
+
+def test_face_restoration_and_tiling_are_pasted_back() -> None:
+    text = "a face\nSteps: 20, Seed: 1, Face restoration: RestoreFormer, Tiling: True, Model: m"
+    fields = infotext_to_request_fields(parse_infotext(text))
+    assert fields["restore_faces"] is True and fields["tiling"] is True
+    overrides = fields["override_settings"]
+    assert overrides == {"face_restoration_model": "RestoreFormer", "sd_model_checkpoint": "m"}
+    plain = infotext_to_request_fields(parse_infotext("a face\nSteps: 20, Seed: 1"))
+    assert "restore_faces" not in plain and "tiling" not in plain

@@ -126,6 +126,25 @@ def build(services: StudioServices) -> ExtrasTab:
             fields["extras_upscaler_2_visibility"] = slider(
                 ExtrasRequest, "extras_upscaler_2_visibility", "Upscaler 2 visibility", step=0.01
             )
+            with gr.Accordion("SD x4 upscaler settings (for 'SD x4 (...)' upscalers)", open=False):
+                fields["sd_upscale_prompt"] = gr.Textbox(
+                    label="Prompt", lines=2, placeholder="What the picture shows (optional)"
+                )
+                fields["sd_upscale_negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1)
+                with gr.Row():
+                    fields["sd_upscale_noise_level"] = slider(
+                        ExtrasRequest, "sd_upscale_noise_level", "Noise level", step=1
+                    )
+                    fields["sd_upscale_steps"] = slider(ExtrasRequest, "sd_upscale_steps", "Steps", step=1)
+                with gr.Row():
+                    fields["sd_upscale_cfg_scale"] = slider(
+                        ExtrasRequest, "sd_upscale_cfg_scale", "CFG scale", step=0.5
+                    )
+                    fields["sd_upscale_seed"] = gr.Number(
+                        label="Seed (-1: random)",
+                        value=field_default(ExtrasRequest, "sd_upscale_seed"),
+                        precision=0,
+                    )
             with gr.Row():
                 fields["gfpgan_visibility"] = slider(
                     ExtrasRequest,

@@ -116,6 +116,8 @@ class GenerationControls:
     n_iter: Any
     batch_size: Any
     clip_skip: Any
+    restore_faces: Any = None
+    tiling: Any = None
     fields: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -135,8 +137,11 @@ class GenerationControls:
             "n_iter",
             "batch_size",
             "clip_skip",
+            "restore_faces",
+            "tiling",
         ):
-            self.fields.setdefault(name, getattr(self, name))
+            if getattr(self, name) is not None:
+                self.fields.setdefault(name, getattr(self, name))
 
     @property
     def inputs(self) -> set[Any]:
@@ -326,6 +331,11 @@ def build_parameters(
         )
     with gr.Accordion("Advanced", open=False):
         clip_skip = slider(model, "clip_skip", "Clip skip", step=1, elem_id=f"{prefix}_clip_skip")
+        with gr.Row():
+            restore_faces = gr.Checkbox(
+                label="Restore faces (GFPGAN)", value=False, elem_id=f"{prefix}_restore_faces"
+            )
+            tiling = gr.Checkbox(label="Tiling (seamless)", value=False, elem_id=f"{prefix}_tiling")
 
     swap.click(lambda w, h: (h, w), inputs=[width, height], outputs=[width, height], show_progress="hidden")
     random_seed.click(lambda: RANDOM_SEED, outputs=seed, show_progress="hidden", queue=False)
@@ -363,4 +373,6 @@ def build_parameters(
         n_iter=n_iter,
         batch_size=batch_size,
         clip_skip=clip_skip,
+        restore_faces=restore_faces,
+        tiling=tiling,
     )
