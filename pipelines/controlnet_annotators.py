@@ -493,62 +493,37 @@ def _scribble(edges: np.ndarray) -> np.ndarray:
     return _hwc3(result)
 
 
-def _run_hed(
-    image: np.ndarray, resolution: int, files: Sequence[Path], cache: AnnotatorCache, *, safe: bool
-) -> np.ndarray:
-    network = cache.network("hed", _file(files, "ControlNetHED.pth"), load_hed)
-    from controlnet_aux.hed import HEDdetector
+def _soft_edges(kind: Literal["hed", "pidinet"], *, safe: bool, scribble: bool) -> AnnotatorFunction:
+    """HED (``ControlNetHED.pth``) or PiDiNet (``table5_pidinet.pth``) soft edges; ``safe`` is the
+    extension's quantised "safe" variant, ``scribble`` turns the edges into a scribble."""
 
-    with cache.on_device(network):
-        detector = HEDdetector(network)
-        return _padded(image, resolution, lambda img, size: detector(img, safe=safe, **_sizes(size)))
+    def run(
+        image: np.ndarray, resolution: int, a: float, b: float, files: Sequence[Path], cache: AnnotatorCache
+    ) -> np.ndarray:
+        detector: Any
+        if kind == "hed":
+            from controlnet_aux.hed import HEDdetector
 
+            network = cache.network("hed", _file(files, "ControlNetHED.pth"), load_hed)
+            detector = HEDdetector(network)
+        else:
+            from controlnet_aux.pidi import PidiNetDetector
 
-def run_hed(
-    image: np.ndarray, resolution: int, a: float, b: float, files: Sequence[Path], cache: AnnotatorCache
-) -> np.ndarray:
-    return _run_hed(image, resolution, files, cache, safe=False)
+            network = cache.network("pidinet", _file(files, "table5_pidinet.pth"), load_pidinet)
+            detector = PidiNetDetector(network)
+        with cache.on_device(network):
+            edges = _padded(image, resolution, lambda img, size: detector(img, safe=safe, **_sizes(size)))
+        return _scribble(edges) if scribble else edges
 
-
-def run_hed_safe(
-    image: np.ndarray, resolution: int, a: float, b: float, files: Sequence[Path], cache: AnnotatorCache
-) -> np.ndarray:
-    return _run_hed(image, resolution, files, cache, safe=True)
-
-
-def run_scribble_hed(
-    image: np.ndarray, resolution: int, a: float, b: float, files: Sequence[Path], cache: AnnotatorCache
-) -> np.ndarray:
-    return _scribble(_run_hed(image, resolution, files, cache, safe=False))
+    return run
 
 
-def _run_pidinet(
-    image: np.ndarray, resolution: int, files: Sequence[Path], cache: AnnotatorCache, *, safe: bool
-) -> np.ndarray:
-    network = cache.network("pidinet", _file(files, "table5_pidinet.pth"), load_pidinet)
-    from controlnet_aux.pidi import PidiNetDetector
-
-    with cache.on_device(network):
-        detector = PidiNetDetector(network)
-        return _padded(image, resolution, lambda img, size: detector(img, safe=safe, **_sizes(size)))
-
-
-def run_pidinet(
-    image: np.ndarray, resolution: int, a: float, b: float, files: Sequence[Path], cache: AnnotatorCache
-) -> np.ndarray:
-    return _run_pidinet(image, resolution, files, cache, safe=False)
-
-
-def run_pidinet_safe(
-    image: np.ndarray, resolution: int, a: float, b: float, files: Sequence[Path], cache: AnnotatorCache
-) -> np.ndarray:
-    return _run_pidinet(image, resolution, files, cache, safe=True)
-
-
-def run_scribble_pidinet(
-    image: np.ndarray, resolution: int, a: float, b: float, files: Sequence[Path], cache: AnnotatorCache
-) -> np.ndarray:
-    return _scribble(_run_pidinet(image, resolution, files, cache, safe=False))
+run_hed = _soft_edges("hed", safe=False, scribble=False)
+run_hed_safe = _soft_edges("hed", safe=True, scribble=False)
+run_scribble_hed = _soft_edges("hed", safe=False, scribble=True)
+run_pidinet = _soft_edges("pidinet", safe=False, scribble=False)
+run_pidinet_safe = _soft_edges("pidinet", safe=True, scribble=False)
+run_scribble_pidinet = _soft_edges("pidinet", safe=False, scribble=True)
 
 
 def run_lineart(
