@@ -31,21 +31,28 @@ from app.api.security import Caller
 from app.api.talking_head_jobs import submit_talking_head_job
 from pipelines.requests import ExtrasRequest, Img2ImgRequest, Txt2ImgRequest
 
-IMAGE_MODES = "txt2img|img2img|extras"
+JOB_KINDS = ("txt2img", "img2img", "extras", "talking_head")
 
 
-def _job_family(body: Any) -> str:
-    mode = body.get("mode") if isinstance(body, dict) else getattr(body, "mode", None)
-    return "talking_head" if mode == "talking_head" else IMAGE_MODES
+def _job_kind(body: Any) -> str:
+    """The body's ``mode``; without one, img2img when it has ``init_images``, extras when it has an
+    ``image``, else txt2img (A1111 clients never send ``mode``). 422s then name only that kind's
+    fields, e.g. ``img2img.denoising_strength``."""
+    get = body.get if isinstance(body, dict) else lambda key: getattr(body, key, None)
+    mode = get("mode")
+    if mode:
+        return str(mode)
+    if get("init_images") is not None:
+        return "img2img"
+    return "extras" if get("image") is not None else "txt2img"
 
 
-# A talking-head body is validated against its own model only, so its 422s name just its fields.
-# Image bodies keep going through the plain union of their three models, as before (pydantic picks
-# the model that fits; a body without ``mode`` is still accepted).
-ImageJobBody = Txt2ImgRequest | Img2ImgRequest | ExtrasRequest
 JobBody = Annotated[
-    Annotated[ImageJobBody, Tag(IMAGE_MODES)] | Annotated[TalkingHeadApiRequest, Tag("talking_head")],
-    Discriminator(_job_family),
+    Annotated[Txt2ImgRequest, Tag("txt2img")]
+    | Annotated[Img2ImgRequest, Tag("img2img")]
+    | Annotated[ExtrasRequest, Tag("extras")]
+    | Annotated[TalkingHeadApiRequest, Tag("talking_head")],
+    Discriminator(_job_kind),
 ]
 VIDEO_SUFFIXES = (".mp4",)
 EVENT_POLL_SECONDS = 0.25

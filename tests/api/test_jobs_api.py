@@ -101,3 +101,18 @@ def test_blocking_a1111_calls_are_jobs_too(studio_server: StudioServer, alice: r
     assert json.loads(response.json()["info"])["job_id"] == job_id
     status = alice.get(f"{url}/studio/v1/jobs/{job_id}").json()
     assert status["state"] == "done" and status["kind"] == "txt2img"
+
+
+def test_validation_errors_name_the_fields_of_the_kind_sent(
+    studio_server: StudioServer, alice: requests.Session
+) -> None:
+    url = f"{studio_server.url}/studio/v1/jobs"
+    txt = alice.post(url, json={"prompt": "x", "steps": 0})
+    assert txt.status_code == 422
+    assert [e["loc"][-1] for e in txt.json()["detail"]] == ["steps"]
+    assert "txt2img.steps" in txt.json()["errors"]
+    img = alice.post(url, json={"init_images": ["abc"], "denoising_strength": 2})
+    assert img.status_code == 422 and "img2img.denoising_strength" in img.json()["errors"]
+    assert "txt2img" not in img.json()["errors"]
+    unknown = alice.post(url, json={"mode": "paint", "prompt": "x"})
+    assert unknown.status_code == 422 and "paint" in unknown.text
