@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -121,7 +122,9 @@ def build(services: StudioServices) -> TalkingHeadTab:
                 line = f"{current.message}: {line}"
             if current.finished:
                 if current.state == "done" and current.images:
-                    yield {status: f"Done: {current.images[0]}", video: current.images[0]}
+                    saved = Path(current.images[0])
+                    shown = f"{saved.parent.name}/{saved.name}"
+                    yield {status: f"Done: saved to the outputs folder as {shown}", video: str(saved)}
                 else:
                     yield {status: f"**{current.state}**: {current.error or 'no video'}"}
                 return
