@@ -40,13 +40,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# A1111's folder names under models/ (plus SadTalker's), the only accepted values of ``kind``.
+# A1111's folder names under models/ (plus SadTalker's, the SD x4 upscaler's and the ControlNet
+# annotators'), the only accepted values of ``kind``.
 MODEL_KINDS: tuple[str, ...] = (
     "Stable-diffusion",
     "VAE",
     "Lora",
     "LyCORIS",
     "ControlNet",
+    "ControlNet/annotators",
     "ESRGAN",
     "RealESRGAN",
     "SwinIR",
@@ -54,6 +56,7 @@ MODEL_KINDS: tuple[str, ...] = (
     "Codeformer",
     "hypernetworks",
     "SadTalker",
+    "SD-Upscaler",
 )
 
 STANDARD_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -910,6 +910,7 @@ def test_bad_kind_is_refused(tmp_path: Path) -> None:
         download_model("tester/tiny", tmp_path, kind="Checkpoints")
     assert canonical_kind("controlnet") == "ControlNet"
     assert {"Stable-diffusion", "VAE", "Lora", "ControlNet", "ESRGAN", "SadTalker"} <= set(MODEL_KINDS)
+    assert {"ControlNet/annotators", "SD-Upscaler"} <= set(MODEL_KINDS)
 
 
 @pytest.mark.parametrize(
