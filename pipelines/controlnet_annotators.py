@@ -633,28 +633,21 @@ def _run_openpose(
         )
 
 
-def run_openpose(
-    image: np.ndarray, resolution: int, a: float, b: float, files: Sequence[Path], cache: AnnotatorCache
-) -> np.ndarray:
-    return _run_openpose(image, resolution, files, cache, hand=False, face=False)
+def _openpose(*, hand: bool, face: bool) -> AnnotatorFunction:
+    """OpenPose body, plus hands and/or face."""
+
+    def run(
+        image: np.ndarray, resolution: int, a: float, b: float, files: Sequence[Path], cache: AnnotatorCache
+    ) -> np.ndarray:
+        return _run_openpose(image, resolution, files, cache, hand=hand, face=face)
+
+    return run
 
 
-def run_openpose_face(
-    image: np.ndarray, resolution: int, a: float, b: float, files: Sequence[Path], cache: AnnotatorCache
-) -> np.ndarray:
-    return _run_openpose(image, resolution, files, cache, hand=False, face=True)
-
-
-def run_openpose_hand(
-    image: np.ndarray, resolution: int, a: float, b: float, files: Sequence[Path], cache: AnnotatorCache
-) -> np.ndarray:
-    return _run_openpose(image, resolution, files, cache, hand=True, face=False)
-
-
-def run_openpose_full(
-    image: np.ndarray, resolution: int, a: float, b: float, files: Sequence[Path], cache: AnnotatorCache
-) -> np.ndarray:
-    return _run_openpose(image, resolution, files, cache, hand=True, face=True)
+run_openpose = _openpose(hand=False, face=False)
+run_openpose_face = _openpose(hand=False, face=True)
+run_openpose_hand = _openpose(hand=True, face=False)
+run_openpose_full = _openpose(hand=True, face=True)
 
 
 def _run_midas(

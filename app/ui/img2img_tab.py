@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from app.ui import controlnet_units, generation_controls, results_panel, styles_panel
+from app.ui import controlnet_units, generation_controls, results_panel
 from app.ui.generation_controls import GenerationControls, slider
 from app.ui.images import encode_png, flatten
 from app.ui.job_runner import GPU_CONCURRENCY_ID, GPU_EVENT_LIMIT
 from app.ui.results_panel import ResultsPanel
-from app.ui.txt2img_tab import build_action_buttons, make_runner, wire_run_controls
+from app.ui.txt2img_tab import build_header, make_runner, wire_run_controls
 from pipelines.requests import Img2ImgRequest
 
 if TYPE_CHECKING:
@@ -104,30 +104,24 @@ def source_images(mode: str, data: dict[str, Any]) -> tuple[Image.Image, Image.I
     return flatten(image), None
 
 
+def _upload_image(label: str, elem_id: str, **extra: Any) -> Any:
+    """An RGBA picture the user uploads or pastes."""
+    return gr.Image(
+        label=label, type="pil", image_mode="RGBA", sources=["upload", "clipboard"], elem_id=elem_id, **extra
+    )
+
+
 def build(services: StudioServices) -> Img2ImgTab:
     runner = make_runner(services)
-    checkpoint, vae, refresh = generation_controls.build_model_row(services, PREFIX)
-    generation_controls.build_no_models_notice(services)
-    with gr.Row():
-        with gr.Column(scale=5):
-            prompt, negative = generation_controls.build_prompts(PREFIX)
-        with gr.Column(scale=2, min_width=260):
-            generate, interrupt, skip = build_action_buttons(PREFIX)
-            styles = styles_panel.build(services, PREFIX, prompt, negative)
+    header = build_header(services, PREFIX)
+    generate, interrupt, skip = header.generate, header.interrupt, header.skip
     mode = gr.State("img2img")
     extra: dict[str, Any] = {}
     with gr.Row():
         with gr.Column(scale=1):
             with gr.Tabs(elem_id=f"{PREFIX}_mode_tabs") as mode_tabs:
                 with gr.Tab(MODES["img2img"], id="img2img") as tab_img2img:
-                    init_image = gr.Image(
-                        label="Image for img2img",
-                        type="pil",
-                        image_mode="RGBA",
-                        sources=["upload", "clipboard"],
-                        elem_id=f"{PREFIX}_image",
-                        height=420,
-                    )
+                    init_image = _upload_image("Image for img2img", f"{PREFIX}_image", height=420)
                 with gr.Tab(MODES["sketch"], id="sketch") as tab_sketch:
                     sketch = gr.ImageEditor(
                         label="Sketch on the image",
@@ -147,20 +141,8 @@ def build(services: StudioServices) -> Img2ImgTab:
                         height=420,
                     )
                 with gr.Tab(MODES["inpaint_upload"], id="inpaint_upload") as tab_upload, gr.Row():
-                    inpaint_image = gr.Image(
-                        label="Image",
-                        type="pil",
-                        image_mode="RGBA",
-                        sources=["upload", "clipboard"],
-                        elem_id=f"{PREFIX}_inpaint_base",
-                    )
-                    inpaint_mask = gr.Image(
-                        label="Mask (white = change)",
-                        type="pil",
-                        image_mode="RGBA",
-                        sources=["upload", "clipboard"],
-                        elem_id=f"{PREFIX}_inpaint_mask",
-                    )
+                    inpaint_image = _upload_image("Image", f"{PREFIX}_inpaint_base")
+                    inpaint_mask = _upload_image("Mask (white = change)", f"{PREFIX}_inpaint_mask")
             resize_mode = gr.Radio(
                 choices=list(enumerate_choices(RESIZE_MODES)),
                 value=0,
@@ -229,12 +211,7 @@ def build(services: StudioServices) -> Img2ImgTab:
                 services,
                 Img2ImgRequest,
                 PREFIX,
-                checkpoint=checkpoint,
-                vae=vae,
-                refresh=refresh,
-                prompt=prompt,
-                negative_prompt=negative,
-                styles=styles,
+                **header.parameter_components(),
                 extra=denoising_controls,
             )
             detect_size = extra.pop("detect_size")

@@ -65,6 +65,44 @@ def build_action_buttons(prefix: str) -> tuple[Any, Any, Any]:
     return generate, interrupt, skip
 
 
+@dataclass
+class TabHeader:
+    """The top of a generation tab: model row, prompts, Generate/Interrupt/Skip and styles."""
+
+    checkpoint: Any
+    vae: Any
+    refresh: Any
+    prompt: Any
+    negative: Any
+    generate: Any
+    interrupt: Any
+    skip: Any
+    styles: Any
+
+    def parameter_components(self) -> dict[str, Any]:
+        """What :func:`generation_controls.build_parameters` takes from the header."""
+        return {
+            "checkpoint": self.checkpoint,
+            "vae": self.vae,
+            "refresh": self.refresh,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative,
+            "styles": self.styles,
+        }
+
+
+def build_header(services: StudioServices, prefix: str) -> TabHeader:
+    checkpoint, vae, refresh = generation_controls.build_model_row(services, prefix)
+    generation_controls.build_no_models_notice(services)
+    with gr.Row():
+        with gr.Column(scale=5):
+            prompt, negative = generation_controls.build_prompts(prefix)
+        with gr.Column(scale=2, min_width=260):
+            generate, interrupt, skip = build_action_buttons(prefix)
+            styles = styles_panel.build(services, prefix, prompt, negative)
+    return TabHeader(checkpoint, vae, refresh, prompt, negative, generate, interrupt, skip, styles)
+
+
 def wire_run_controls(
     runner: JobRunner, panel: ResultsPanel, controls: GenerationControls, interrupt: Any, skip: Any
 ) -> None:
@@ -90,14 +128,8 @@ def wire_run_controls(
 
 def build(services: StudioServices) -> Txt2ImgTab:
     runner = make_runner(services)
-    checkpoint, vae, refresh = generation_controls.build_model_row(services, PREFIX)
-    generation_controls.build_no_models_notice(services)
-    with gr.Row():
-        with gr.Column(scale=5):
-            prompt, negative = generation_controls.build_prompts(PREFIX)
-        with gr.Column(scale=2, min_width=260):
-            generate, interrupt, skip = build_action_buttons(PREFIX)
-            styles = styles_panel.build(services, PREFIX, prompt, negative)
+    header = build_header(services, PREFIX)
+    checkpoint, generate, interrupt, skip = header.checkpoint, header.generate, header.interrupt, header.skip
     hires: dict[str, Any] = {}
 
     def hires_controls() -> None:
@@ -127,12 +159,7 @@ def build(services: StudioServices) -> Txt2ImgTab:
                 services,
                 Txt2ImgRequest,
                 PREFIX,
-                checkpoint=checkpoint,
-                vae=vae,
-                refresh=refresh,
-                prompt=prompt,
-                negative_prompt=negative,
-                styles=styles,
+                **header.parameter_components(),
                 extra=hires_controls,
             )
             controls.fields.update(hires)

@@ -3,18 +3,14 @@ accounts (one from ``--auth``, one from ``--auth-file``), driven by Debian's hea
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.server_process import free_port, wait_until_up
+from tests.server_process import ROOT, studio_process
 
-ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -45,49 +41,13 @@ def studio_server(
 ) -> Iterator[RunningStudio]:
     work = tmp_path_factory.mktemp("ui-server")
     (work / "users.txt").write_text("bob:builder\n", encoding="utf-8")
-    port = free_port()
-    log_path = work / "server.log"
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "launch.py",
-            "--port",
-            str(port),
-            "--models-dir",
-            str(tiny_models_root),
-            "--data-dir",
-            str(work / "data"),
-            "--outputs-dir",
-            str(work / "outputs"),
-            "--ckpt",
-            "tiny-sd1",
-            "--auth",
-            "alice:wonderland",
-            "--auth-file",
-            str(work / "users.txt"),
-        ],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "SDSTUDIO_SKIP_VENV": "1",
-            "HF_HUB_OFFLINE": "1",
-            "GRADIO_ANALYTICS_ENABLED": "False",
-        },
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_until_up(url, process)
-        yield RunningStudio(url=url, work=work, log=log_path)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+    args = [
+        *("--models-dir", str(tiny_models_root), "--data-dir", str(work / "data")),
+        *("--outputs-dir", str(work / "outputs"), "--ckpt", "tiny-sd1"),
+        *("--auth", "alice:wonderland", "--auth-file", str(work / "users.txt")),
+    ]
+    with studio_process(args, work) as (url, log):
+        yield RunningStudio(url=url, work=work, log=log)
 
 
 @pytest.fixture(scope="module")

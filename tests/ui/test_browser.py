@@ -306,3 +306,12 @@ def test_every_tab_renders(alice: StudioPage, artifacts: Path) -> None:
         alice.open_tab(tab)
         alice.page.locator(selector).first.wait_for(state="visible")
         alice.screenshot(artifacts / f"{tab}.png")
+
+
+def test_tiling_checkbox_reaches_the_job(alice: StudioPage) -> None:
+    alice.small_job("txt2img", "a tiled floor")
+    alice.page.get_by_text("Advanced", exact=True).first.click()
+    alice.page.locator("#txt2img_tiling input[type=checkbox]").check()
+    alice.generate("txt2img")
+    assert alice.wait_finished("txt2img") == "Done: 1 image"
+    assert "Tiling: True" in alice.infotext("txt2img")

@@ -9,9 +9,6 @@ and the random-weight SadTalker files. Screenshots: ``test-artifacts/ui/talking_
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +17,8 @@ import pytest
 
 # The talking-head fixtures, shared with tests/sadtalker (imported fixtures are used by parameter name).
 from tests.sadtalker.conftest import astronaut_png, media_dir, sadtalker_models_root, speech_wav  # noqa: F401
-from tests.server_process import free_port, wait_until_up
-from tests.ui.conftest import ROOT, USERS, RunningStudio
+from tests.server_process import studio_process
+from tests.ui.conftest import USERS, RunningStudio
 from tests.ui.pages import LONG, StudioPage
 
 TAB = "talking_head"
@@ -45,48 +42,12 @@ def studio_server(
     talking_head_models: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningStudio]:
     work = tmp_path_factory.mktemp("talking-head-ui")
-    port = free_port()
-    log_path = work / "server.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.ui.talking_head_server",
-                "--port",
-                str(port),
-                "--models-dir",
-                str(talking_head_models),
-                "--data-dir",
-                str(work / "data"),
-                "--outputs-dir",
-                str(work / "outputs"),
-                "--ckpt",
-                "tiny-sd1",
-                "--auth",
-                f"alice:{USERS['alice']}",
-            ],
-            cwd=ROOT,
-            env={
-                **os.environ,
-                "SDSTUDIO_SKIP_VENV": "1",
-                "HF_HUB_OFFLINE": "1",
-                "GRADIO_ANALYTICS_ENABLED": "False",
-            },
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}/"
-        try:
-            wait_until_up(url, process)
-            yield RunningStudio(url=url, work=work, log=log_path)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=30)
+    args = [
+        *("--models-dir", str(talking_head_models), "--data-dir", str(work / "data")),
+        *("--outputs-dir", str(work / "outputs"), "--ckpt", "tiny-sd1", "--auth", f"alice:{USERS['alice']}"),
+    ]
+    with studio_process(args, work, entry=("-m", "tests.ui.talking_head_server")) as (url, log):
+        yield RunningStudio(url=url, work=work, log=log)
 
 
 @pytest.fixture
