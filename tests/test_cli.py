@@ -209,3 +209,24 @@ def test_xyz_plot_saves_a_labelled_grid(tiny_models_root: Path, tmp_path: Path) 
     bad = launch("xyz", *common(tiny_models_root, tmp_path), "--x", "warp=1,2", "--prompt", "x")
     assert bad.returncode == 2
     assert "--x: 'warp' is not a request field" in bad.stderr
+
+
+def test_generate_latent_upscale_variation_and_tiling(tiny_models_root: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    source = tmp_path / "photo.png"
+    Image.new("RGB", (32, 32), (40, 120, 200)).save(source)
+    out = tmp_path / "out"
+    result = launch(
+        "generate",
+        *common(tiny_models_root, tmp_path),
+        *("--out", str(out), "--model", "tiny-sd1", "--init-images", str(source)),
+        *("--resize-mode", "3", "--width", "64", "--height", "64", "--steps", "2", "--prompt", "sea"),
+        *("--subseed", "7", "--subseed-strength", "0.3", "--tiling"),
+    )
+    assert result.returncode == 0, result.stderr
+    (made,) = pngs(out)
+    parameters = read_png_parameters(made)
+    assert Image.open(made).size == (64, 64)
+    for expected in ("Resize mode: Just resize (latent upscale)", "Variation seed: 7", "Tiling: True"):
+        assert expected in parameters
