@@ -12,19 +12,22 @@ import json
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from app.jobs.requests import parse_job_request
 from app.settings import StudioSettings
+from contract.images import REQUEST_TYPES, format_validation_error, parse_request
+from contract.talking_head import TalkingHeadRequest
 from pipelines.errors import StudioError
-from pipelines.requests import REQUEST_TYPES, format_validation_error, parse_request
 
 _SKIPPED_FLAGS = {"mode", "override_settings_restore_afterwards", "send_images", "save_images"}
+_SKIPPED_TALK_FLAGS = {"mode"}
 
 
 def _flag(name: str) -> str:
@@ -39,30 +42,98 @@ def _scalar_type(annotation: Any) -> Any:
     return annotation
 
 
+def _literal_choices(kind: Any) -> list[Any] | None:
+    """The allowed values of a ``Literal[...]`` annotation (``None`` for anything else)."""
+    return list(typing.get_args(kind)) if typing.get_origin(kind) is typing.Literal else None
+
+
+def _limits_text(info: FieldInfo) -> str:
+    """``0-45, default 0``: the field's bounds and default as a flag's help shows them."""
+    low = next((item.ge for item in info.metadata if getattr(item, "ge", None) is not None), None)
+    high = next((item.le for item in info.metadata if getattr(item, "le", None) is not None), None)
+    parts = []
+    if low is not None and high is not None:
+        parts.append(f"{low} to {high}")
+    elif low is not None:
+        parts.append(f"at least {low}")
+    elif high is not None:
+        parts.append(f"at most {high}")
+    if not info.is_required() and info.default is not None and not isinstance(info.default, list):
+        parts.append(f"default {info.default}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def add_field_arguments(
+    group: argparse._ArgumentGroup | argparse.ArgumentParser,
+    fields: Iterable[tuple[str, FieldInfo]],
+    *,
+    skipped: Iterable[str] = (),
+    required: Iterable[str] = (),
+    show_limits: bool = False,
+) -> None:
+    """One flag per pydantic field (``pose_style`` -> ``--pose-style``), typed from its annotation:
+    booleans as ``--x/--no-x``, numbers and strings typed, ``Path`` as a path, ``Literal`` as
+    choices, lists as several values (``--input-yaw 0 15 -10``), anything else as JSON. Defaults
+    stay with the model (``None`` = not given); the help is the field's description (plus its
+    range and default with ``show_limits``). The first of several fields with one name wins."""
+    omitted = set(skipped)
+    needed = set(required)
+    seen: set[str] = set()
+    for name, info in fields:
+        if name in omitted or name in seen:
+            continue
+        seen.add(name)
+        kind = _scalar_type(info.annotation)
+        help_text = (info.description or "") + (_limits_text(info) if show_limits else "")
+        flag = {"dest": name, "default": None, "help": help_text}
+        if name in needed:
+            flag["required"] = True
+        choices = _literal_choices(kind)
+        if kind is bool:
+            group.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **flag)
+        elif kind in (int, float, str, Path):
+            group.add_argument(_flag(name), type=kind, **flag)
+        elif choices is not None:
+            group.add_argument(_flag(name), type=type(choices[0]), choices=choices, **flag)
+        elif typing.get_origin(kind) is list or kind is list:
+            items = typing.get_args(kind)
+            item_type = items[0] if items and items[0] in (int, float, str) else None
+            at_least_one = any(getattr(item, "min_length", None) for item in info.metadata)
+            group.add_argument(_flag(name), nargs="+" if at_least_one else "*", type=item_type, **flag)
+        else:
+            flag["help"] = f"{help_text} (JSON)"
+            group.add_argument(_flag(name), type=json.loads, **flag)
+
+
 def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per field of every request kind (A1111's txt2img, img2img and extras names);
     defaults are left to the models (None = not given)."""
     group = parser.add_argument_group("request fields (A1111 API names)")
-    seen: set[str] = set()
     fields = [(name, info) for model in REQUEST_TYPES.values() for name, info in model.model_fields.items()]
-    for name, info in fields:
-        if name in _SKIPPED_FLAGS or name in seen:
-            continue
-        seen.add(name)
-        kind = _scalar_type(info.annotation)
-        help_text = info.description or ""
-        if kind is bool:
-            group.add_argument(
-                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        elif kind in (int, float, str):
-            group.add_argument(_flag(name), dest=name, type=kind, default=None, help=help_text)
-        elif typing.get_origin(kind) is list or kind is list:
-            group.add_argument(_flag(name), dest=name, nargs="*", default=None, help=help_text)
-        else:
-            group.add_argument(
-                _flag(name), dest=name, type=json.loads, default=None, help=f"{help_text} (JSON)"
-            )
+    add_field_arguments(group, fields, skipped=_SKIPPED_FLAGS)
+
+
+def add_talking_head_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``talk`` flags: one per ``TalkingHeadRequest`` field (the API's names), so a new field is
+    a new flag; ``--image`` and ``--audio`` are required file paths."""
+    group = parser.add_argument_group("talking-head request fields (API names)")
+    add_field_arguments(
+        group,
+        TalkingHeadRequest.model_fields.items(),
+        skipped=_SKIPPED_TALK_FLAGS,
+        required=("image", "audio"),
+        show_limits=True,
+    )
+
+
+def talking_head_request_from_args(args: argparse.Namespace) -> TalkingHeadRequest:
+    """The request the ``talk`` flags describe (absent flags keep the model's defaults)."""
+    given = {
+        name: value
+        for name in TalkingHeadRequest.model_fields
+        if name not in _SKIPPED_TALK_FLAGS and (value := getattr(args, name, None)) is not None
+    }
+    return TalkingHeadRequest(**given)
 
 
 def request_from_args(args: argparse.Namespace) -> Any:
@@ -130,7 +201,7 @@ def _services(settings: StudioSettings, out: Path | None) -> Any:
 def _explain_missing_models(services: Any) -> bool:
     if services.registry.checkpoints():
         return False
-    from pipelines.registry import no_checkpoints_message
+    from pipelines.models.registry import no_checkpoints_message
 
     print(no_checkpoints_message(services.registry.paths.folder("checkpoint")), file=sys.stderr)
     return True
@@ -293,7 +364,7 @@ def run_models(args: argparse.Namespace, settings: StudioSettings) -> int:
 
 
 def run_download(args: argparse.Namespace, settings: StudioSettings) -> int:
-    from pipelines.download import DownloadError, download_model
+    from pipelines.models.download import DownloadError, download_model
 
     try:
         paths = download_model(
@@ -339,21 +410,8 @@ def build_parser(
     add_request_arguments(xyz)
 
     talk = commands.add_parser("talk", parents=shared, help="talking head: portrait + speech -> MP4")
-    talk.add_argument("--image", required=True, type=Path, help="the portrait")
-    talk.add_argument("--audio", required=True, type=Path, help="the speech (wav, mp3, m4a, ...)")
-    talk.add_argument("--pose-style", type=int, help="head-motion style 0-45 (default 0)")
-    talk.add_argument("--size", type=int, choices=[256, 512], help="renderer resolution (default 256)")
-    talk.add_argument("--preprocess", choices=["crop", "extcrop", "resize", "full", "extfull"])
-    talk.add_argument("--still", action="store_true", default=None, help="little head motion")
-    talk.add_argument(
-        "--enhancer", choices=["gfpgan", "RestoreFormer"], help="restore the face in every frame"
-    )
-    talk.add_argument("--expression-scale", type=float, help="mouth/face motion strength (default 1)")
-    talk.add_argument("--ref-eyeblink", type=Path, help="video whose blinks are copied")
-    talk.add_argument("--ref-pose", type=Path, help="video whose head motion is copied")
-    talk.add_argument("--batch-size", type=int, help="frames rendered at once (default 2)")
-    talk.add_argument("--seed", type=int, help="-1 = random")
     talk.add_argument("--out", type=Path, help="output folder (default: outputs/)")
+    add_talking_head_arguments(talk)
 
     batch = commands.add_parser("batch", parents=shared, help="run a JSONL file of requests (resumable)")
     batch.add_argument("jobs", help="JSONL file: one request object per line")
@@ -381,8 +439,8 @@ def build_parser(
 
 def run_xyz(args: argparse.Namespace, settings: StudioSettings) -> int:
     """A1111's X/Y/Z plot from the shell: one job per cell, then a labelled grid image."""
-    from pipelines.outputs import dated_output_dir, save_image_atomically
-    from pipelines.xyz_grid import Axis, GridAxisError, cell_overrides, combinations, draw_grid
+    from pipelines.outputs.grids import Axis, GridAxisError, cell_overrides, combinations, draw_grid
+    from pipelines.outputs.saving import dated_output_dir, save_image_atomically
 
     try:
         base = request_from_args(args)
@@ -441,25 +499,10 @@ def run_talk(args: argparse.Namespace, settings: StudioSettings) -> int:
     """Portrait + speech -> MP4, with a progress bar per stage."""
     from tqdm import tqdm
 
-    from sadtalker.engine import TalkingHeadRequest
     from sadtalker.errors import SadTalkerError
 
-    fields = {
-        "image": args.image,
-        "audio": args.audio,
-        "pose_style": args.pose_style,
-        "size": args.size,
-        "preprocess": args.preprocess,
-        "still": args.still,
-        "enhancer": args.enhancer,
-        "expression_scale": args.expression_scale,
-        "ref_eyeblink": args.ref_eyeblink,
-        "ref_pose": args.ref_pose,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-    }
     try:
-        request = TalkingHeadRequest(**{k: v for k, v in fields.items() if v is not None})
+        request = talking_head_request_from_args(args)
     except ValidationError as exc:
         print(f"error: invalid request:\n{format_validation_error(exc)}", file=sys.stderr)
         return 2

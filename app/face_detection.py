@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-    from pipelines.face_restore import DetectedFace
+    from pipelines.postprocess.face_restore import DetectedFace
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class RetinaFaceRestoreDetector:
         self._detector = detector
 
     def __call__(self, rgb: np.ndarray) -> list[DetectedFace]:
-        from pipelines.face_restore import DetectedFace
+        from pipelines.postprocess.face_restore import DetectedFace
 
         faces = []
         for face in self._detector.detect(rgb):

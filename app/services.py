@@ -13,10 +13,10 @@ from app.settings import StudioSettings
 from app.styles import StyleStore
 from app.talking_head import TalkingHeadService
 from app.uploads import StagedUploads
-from pipelines.engine import EngineConfig, ImageEngine
-from pipelines.hashing import HashCache
-from pipelines.model_manager import ModelManager
-from pipelines.registry import ModelPaths, ModelRegistry
+from pipelines.generation.engine import EngineConfig, ImageEngine
+from pipelines.models.hashing import HashCache
+from pipelines.models.model_manager import ModelManager
+from pipelines.models.registry import ModelPaths, ModelRegistry
 
 if TYPE_CHECKING:
     from app.jobs.queue import JobQueue

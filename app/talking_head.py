@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     import numpy as np
 
     from app.uploads import StagedUploads
-    from sadtalker.engine import TalkingHeadEngine, TalkingHeadRequest, TalkingHeadResult
+    from contract.talking_head import TalkingHeadRequest
+    from sadtalker.engine import TalkingHeadEngine, TalkingHeadResult
 
 ENHANCER_MODELS = {"gfpgan": "GFPGAN", "RestoreFormer": "RestoreFormer"}
 
@@ -82,16 +83,31 @@ class TalkingHeadService:
                 from sadtalker.engine import TalkingHeadEngine
 
                 self._engine = TalkingHeadEngine(
-                    self.models_root, self.outputs_root, enhancer_loader=self._enhancer
+                    self.models_root,
+                    self.outputs_root,
+                    enhancer_loader=self._enhancer,
+                    background_loader=self._background_enhancer,
                 )
             return self._engine
+
+    def _background_enhancer(self, name: str) -> Any:
+        """A frame upscaler from the studio's upscalers (models/ESRGAN), sharing the image modes'
+        model cache."""
+        from sadtalker.background import load_background_enhancer
+
+        return load_background_enhancer(
+            self.models_root,
+            name,
+            cache=self.image_engine.upscaler_cache if self.image_engine else None,
+            device=self.engine.device,
+        )
 
     def _enhancer(self, name: str) -> Any:
         """A frame enhancer from the face-restore component the image modes use."""
         import numpy as np
         from PIL import Image
 
-        from pipelines.face_restore import restore_faces
+        from pipelines.postprocess.face_restore import restore_faces
 
         model = ENHANCER_MODELS[name]
         provider = self.image_engine.config.face_detector if self.image_engine else None

@@ -67,7 +67,7 @@ def main() -> None:
 
     from app.services import StudioServices
     from app.settings import StudioSettings
-    from pipelines.requests import Txt2ImgRequest
+    from contract.images import Txt2ImgRequest
     from tests.tiny_models import save_single_file, tiny_pipeline
 
     work = Path(tempfile.mkdtemp(prefix="api-bench-"))

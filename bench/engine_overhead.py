@@ -32,8 +32,8 @@ def build_random_sd15(seed: int = 0):
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from pipelines.family_configs import load_component_config
-    from pipelines.tokenizer import build_clip_tokenizer
+    from pipelines.models.family_configs import load_component_config
+    from pipelines.prompts.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(load_component_config("sd1", "unet"))
@@ -96,9 +96,9 @@ def main() -> None:
 
     from app.services import StudioServices
     from app.settings import StudioSettings
-    from pipelines.checkpoint_export import save_single_file_checkpoint
-    from pipelines.requests import Txt2ImgRequest
-    from pipelines.tokenizer import build_clip_tokenizer
+    from contract.images import Txt2ImgRequest
+    from pipelines.models.checkpoint_export import save_single_file_checkpoint
+    from pipelines.prompts.tokenizer import build_clip_tokenizer
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
     work = Path(tempfile.mkdtemp(prefix="sdstudio-bench-"))

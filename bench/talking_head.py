@@ -98,7 +98,8 @@ def run_child(args: argparse.Namespace) -> None:
     import cv2
     from skimage import data
 
-    from sadtalker.engine import TalkingHeadEngine, TalkingHeadRequest
+    from contract.talking_head import TalkingHeadRequest
+    from sadtalker.engine import TalkingHeadEngine
 
     work = Path(args.work_dir)
     image = work / "astronaut.png"

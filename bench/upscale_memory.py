@@ -45,7 +45,7 @@ def run_child(args: argparse.Namespace) -> dict[str, object]:
     from spandrel import ModelLoader
     from spandrel.architectures.ESRGAN import ESRGAN
 
-    from pipelines.upscalers import run_image_model_tiled
+    from pipelines.postprocess.upscalers import run_image_model_tiled
 
     device = torch.device(
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,8 +5,12 @@ weights see the inputs they expect:
 
 * 16 kHz mono audio, trimmed to a whole number of 25 fps video frames (640 samples each);
 * pre-emphasis ``y[n] = x[n] - 0.97 x[n-1]``;
-* centred STFT: reflect-padding of ``n_fft / 2`` on both sides (librosa 0.9's default, the version the
-  reference pinned), periodic Hann window of 800 samples, hop 200 (80 spectrogram frames per second);
+* centred STFT: ``n_fft / 2`` ZEROS padded on both sides, as librosa 0.9's ``stft(center=True)`` does
+  (its ``pad_mode`` default is ``"constant"`` since 0.9.0; the reference pins librosa 0.9.2), periodic
+  Hann window of 800 samples, hop 200 (80 spectrogram frames per second). The padding decides the
+  first two and last two spectrogram frames of every clip, hence the expression of the first and
+  last video frames and the head pose of whole pose windows at both ends; reflect padding (librosa
+  0.8 and earlier) would differ there by up to ~0.9 on the [-4, 4] scale;
 * magnitudes projected on 80 Slaney-style mel filters (area-normalised triangles, 55-7600 Hz);
 * ``20 log10(max(1e-5, x)) - 20`` dB, mapped linearly from [-100, 0] dB to [-4, 4] and clipped;
 * for video frame ``i``, a window of 16 consecutive spectrogram frames starting at
@@ -106,17 +110,17 @@ def preemphasize(wav: np.ndarray, coefficient: float) -> np.ndarray:
 def stft_magnitude(signal: np.ndarray, settings: MelSettings = DEFAULT_SETTINGS) -> np.ndarray:
     """``(frames, n_fft // 2 + 1)`` magnitudes of the centred, Hann-windowed STFT.
 
-    Frame ``t`` is centred on sample ``t * hop``; there are ``1 + len(signal) // hop`` frames.
+    Frame ``t`` is centred on sample ``t * hop``; there are ``1 + len(signal) // hop`` frames. The
+    signal is padded with ``n_fft // 2`` zeros on each side, exactly as librosa 0.9.2 (the reference's
+    pin) does by default, so the edge frames equal the reference's
+    (``tests/sadtalker/test_mel_reference.py`` holds them to librosa 0.9.2's values).
     """
     if settings.win_length != settings.n_fft:
         raise ValueError("this STFT expects win_length == n_fft (the reference's setting)")
+    if len(signal) == 0:
+        raise SadTalkerError("The audio is empty: use a recording of at least a few video frames.")
     half = settings.n_fft // 2
-    if len(signal) <= half:
-        raise SadTalkerError(
-            f"The audio is too short ({len(signal)} samples at {settings.sample_rate} Hz): "
-            "use a recording of at least a few video frames."
-        )
-    padded = np.pad(np.asarray(signal, dtype=np.float64), half, mode="reflect")
+    padded = np.pad(np.asarray(signal, dtype=np.float64), half, mode="constant", constant_values=0.0)
     frames = np.lib.stride_tricks.sliding_window_view(padded, settings.n_fft)[:: settings.hop_length]
     positions = np.arange(settings.n_fft)
     window = 0.5 - 0.5 * np.cos(2.0 * np.pi * positions / settings.n_fft)  # periodic Hann

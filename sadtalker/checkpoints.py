@@ -11,6 +11,15 @@ Files (all in ``models/SadTalker/``):
   entry is the mapping network's state dict. They are read with ``torch.load(weights_only=True)``, so
   no code in them can run; the other entries (epoch, optimizer and discriminator state) are ignored.
 
+* The pre-0.0.2 set (what the reference loads with ``--old_version``, or when it finds no
+  safetensors file): ``facevid2vid_00189-model.pth.tar`` (entries ``kp_detector`` and ``generator``;
+  its ``he_estimator``, discriminator and optimizer entries are ignored), ``auido2exp_00300-model.pth``
+  and ``auido2pose_00140-model.pth`` (the ``model`` entry; "auido" is the official spelling) and
+  ``epoch_20.pth`` (``net_recon``, the face reconstruction network). They hold the same networks as
+  the safetensors file and are read with ``torch.load(weights_only=True)`` into the same modules.
+  :func:`load_sadtalker_models` uses them when the safetensors file for the asked size is absent;
+  like the reference, the same (256-pixel-trained) files then serve both sizes.
+
 Every key and shape is checked before any tensor is read, so a wrong or truncated file is reported by
 name, with the first missing/unexpected keys and how to get the right one. BatchNorm's
 ``num_batches_tracked`` counters are accepted whether present or not (and never used at inference).
@@ -23,7 +32,7 @@ from __future__ import annotations
 import pickle
 import zipfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -51,6 +60,24 @@ FULL_PREPROCESS_MODES = ("full", "extfull")
 IGNORED_PREFIXES = ("he_estimator",)
 BATCH_COUNTER_SUFFIX = "num_batches_tracked"
 _KEYS_SHOWN = 5
+LEGACY_FACEVID2VID_FILE = "facevid2vid_00189-model.pth.tar"
+LEGACY_AUDIO2EXP_FILE = "auido2exp_00300-model.pth"
+LEGACY_AUDIO2POSE_FILE = "auido2pose_00140-model.pth"
+LEGACY_FACE_RECON_FILE = "epoch_20.pth"
+LEGACY_FILES = (
+    LEGACY_FACEVID2VID_FILE,
+    LEGACY_AUDIO2EXP_FILE,
+    LEGACY_AUDIO2POSE_FILE,
+    LEGACY_FACE_RECON_FILE,
+)
+# Where each of our sub-models sits in the pre-0.0.2 files: (file, top-level entry, our prefix).
+LEGACY_LAYOUT = (
+    (LEGACY_FACEVID2VID_FILE, "kp_detector", "kp_extractor"),
+    (LEGACY_FACEVID2VID_FILE, "generator", "generator"),
+    (LEGACY_AUDIO2EXP_FILE, "model", "audio2exp"),
+    (LEGACY_AUDIO2POSE_FILE, "model", "audio2pose"),
+    (LEGACY_FACE_RECON_FILE, "net_recon", "face_3drecon"),
+)
 
 
 def checkpoint_file_name(size: int) -> str:
@@ -87,14 +114,17 @@ class SadTalkerFiles:
     checkpoint_512: Path | None
     mapping_crop: Path | None
     mapping_full: Path | None
+    legacy: Mapping[str, Path | None] = field(default_factory=dict)  # LEGACY_FILES -> path or None
 
     def checkpoint(self, size: int) -> Path:
         """The main checkpoint for ``size``, or a :class:`SadTalkerCheckpointError` saying how to get it."""
         _check_size(size)
         found = self.checkpoint_256 if size == 256 else self.checkpoint_512
-        return found or _raise_missing(
-            self.folder / checkpoint_file_name(size), f"the {size}-pixel face renderer"
-        )
+        return found or _raise_missing_checkpoint(self.folder, size)
+
+    def missing_legacy_files(self) -> list[str]:
+        """The pre-0.0.2 files that are absent, in ``LEGACY_FILES`` order."""
+        return [name for name in LEGACY_FILES if self.legacy.get(name) is None]
 
     def mapping(self, preprocess: str) -> Path:
         """The mapping file for a preprocess mode, or an error saying how to get it."""
@@ -117,7 +147,75 @@ def find_sadtalker_files(models_dir: Path) -> SadTalkerFiles:
         checkpoint_512=present(checkpoint_file_name(512)),
         mapping_crop=present(MAPPING_CROP_FILE),
         mapping_full=present(MAPPING_FULL_FILE),
+        legacy={name: present(name) for name in LEGACY_FILES},
     )
+
+
+def load_sadtalker_models(models_dir: Path, size: int) -> SadTalkerModels:
+    """The five networks for ``size`` from ``models_dir/SadTalker``: the 0.0.2 safetensors file when
+    present, else the complete pre-0.0.2 set.
+
+    A partial pre-0.0.2 set is an error that names every missing file (a user who copied three of
+    the four files learns about the fourth at once, not one file per attempt).
+    """
+    _check_size(size)
+    files = find_sadtalker_files(models_dir)
+    current = files.checkpoint_256 if size == 256 else files.checkpoint_512
+    if current is not None:
+        return load_sadtalker_checkpoint(current, size)
+    missing = files.missing_legacy_files()
+    if not missing:
+        return load_legacy_checkpoints(files.folder, size)
+    if len(missing) < len(LEGACY_FILES):
+        found = [name for name in LEGACY_FILES if name not in missing]
+        raise SadTalkerCheckpointError(
+            f"{files.folder} holds part of the pre-0.0.2 SadTalker checkpoint set ({', '.join(found)}) "
+            f"but not {', '.join(missing)}. Add the missing file(s) from the same download, or use "
+            f"{checkpoint_file_name(size)} instead: {download_hint(checkpoint_file_name(size))}"
+        )
+    _raise_missing_checkpoint(files.folder, size)
+
+
+def load_legacy_checkpoints(folder: Path, size: int) -> SadTalkerModels:
+    """Load the pre-0.0.2 files of ``folder`` strictly into our networks (on the CPU).
+
+    Each file is read with ``torch.load(weights_only=True)`` (no pickled code can run), every entry's
+    keys and shapes are checked before any weight is assigned, and the file's other entries
+    (optimizers, discriminator, the unused head-pose estimator, epoch) are ignored.
+    """
+    import torch
+
+    from sadtalker.networks.factory import SUB_MODEL_PREFIXES, build_sub_model
+
+    _check_size(size)
+    with torch.device("meta"):
+        networks = {prefix: build_sub_model(prefix) for prefix in SUB_MODEL_PREFIXES}
+    for file_name in LEGACY_FILES:
+        path = folder / file_name
+        entries = [(entry, prefix) for name, entry, prefix in LEGACY_LAYOUT if name == file_name]
+        checkpoint = _load_weights_only(path, "a SadTalker checkpoint")
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        problems: list[str] = []
+        for entry, prefix in entries:
+            state = checkpoint.get(entry)
+            if not isinstance(state, Mapping):
+                problems.append(
+                    f"no '{entry}' state dict (top-level entries: {_first(sorted(map(str, checkpoint)))})"
+                )
+                continue
+            tensors = {str(key): value for key, value in state.items() if isinstance(value, torch.Tensor)}
+            not_tensors = sorted(str(key) for key in state if str(key) not in tensors)
+            if not_tensors:
+                problems.append(f"{entry}: entries that are not tensors: {_first(not_tensors)}")
+            shapes = {key: tuple(value.shape) for key, value in tensors.items()}
+            problems += [f"{entry}: {problem}" for problem in _compare_keys(networks[prefix], shapes)]
+            states[prefix] = tensors
+        if problems:
+            raise SadTalkerCheckpointError(_mismatch_message(path, problems))
+        for prefix, tensors in states.items():
+            _assign_weights(networks[prefix], tensors, path, prefix)
+        del checkpoint, states
+    return SadTalkerModels(size=size, source="pre-0.0.2 checkpoints", **networks)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -130,6 +228,7 @@ class SadTalkerModels:
     audio2exp: AudioToExpression
     audio2pose: AudioToPose
     face_3drecon: FaceReconstructionNet
+    source: str = ""  # the file(s) the weights came from, for the job's sidecar
 
     def networks(self) -> dict[str, nn.Module]:
         """The networks by checkpoint prefix."""
@@ -195,7 +294,7 @@ def load_sadtalker_checkpoint(path: Path, size: int) -> SadTalkerModels:
         raise SadTalkerCheckpointError(
             f"{path.name}: cannot read the tensors ({exc}). The file is damaged: {download_hint(path.name)}"
         ) from exc
-    return SadTalkerModels(size=size, **networks)  # type: ignore[arg-type]
+    return SadTalkerModels(size=size, source=path.name, **networks)  # type: ignore[arg-type]
 
 
 def load_mapping(path: Path) -> MappingNet:
@@ -248,9 +347,41 @@ def load_mapping(path: Path) -> MappingNet:
     return mapping
 
 
+def _load_weights_only(path: Path, what: str) -> Mapping[str, object]:
+    """A pickled checkpoint read with ``torch.load(weights_only=True)``, as a mapping of its entries."""
+    import torch
+
+    if not path.is_file():
+        _raise_missing(path, what)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise SadTalkerCheckpointError(
+            f"{path.name}: holds pickled Python objects besides tensors, and SD Studio only reads "
+            f".pth files with torch.load(weights_only=True) because unpickling can run code ({exc}). "
+            f"Use the official file: {download_hint(path.name)}"
+        ) from exc
+    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, ValueError) as exc:
+        raise SadTalkerCheckpointError(
+            f"{path.name}: not a readable checkpoint ({exc}); it may be truncated. {download_hint(path.name)}"
+        ) from exc
+    if not isinstance(checkpoint, Mapping):
+        raise SadTalkerCheckpointError(
+            f"{path.name}: holds a {type(checkpoint).__name__}, not {what}. {download_hint(path.name)}"
+        )
+    return {str(key): value for key, value in checkpoint.items()}
+
+
 def _check_size(size: int) -> None:
     if size not in RENDER_SIZES:
         raise SadTalkerError(f"SadTalker renders at 256 or 512 pixels; size {size} is not available.")
+
+
+def _raise_missing_checkpoint(folder: Path, size: int) -> NoReturn:
+    _raise_missing(
+        folder / checkpoint_file_name(size),
+        f"the {size}-pixel face renderer; the complete pre-0.0.2 set ({', '.join(LEGACY_FILES)}) works too",
+    )
 
 
 def _raise_missing(path: Path, purpose: str) -> NoReturn:
@@ -261,7 +392,7 @@ def _raise_missing(path: Path, purpose: str) -> NoReturn:
 
 def _read_header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     from pipelines.errors import CheckpointLoadError
-    from pipelines.safetensors_header import read_safetensors_header
+    from pipelines.models.safetensors_header import read_safetensors_header
 
     try:
         header = read_safetensors_header(path)

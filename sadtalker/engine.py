@@ -33,16 +33,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
+from contract.talking_head import MAX_SEED, TalkingHeadRequest
 from sadtalker.errors import SadTalkerError, TalkingHeadInterruptedError
 
 if TYPE_CHECKING:
     import torch
 
+    from pipelines.postprocess.upscalers import UpscalerCache
     from sadtalker.checkpoints import SadTalkerModels
     from sadtalker.networks.mapping import MappingNet
     from sadtalker.preprocess import FaceLandmarker, PreparedFace
@@ -50,35 +51,11 @@ if TYPE_CHECKING:
 
 OUTPUT_FOLDER = "talking-head"
 STAGES = ("preprocess", "audio2coeff", "render", "enhance", "encode")
-MAX_SEED = 2**32 - 1
 
 ProgressCallback = Callable[[str, int, int], None]
 StopCheck = Callable[[], bool]  # True once the caller wants the job stopped
 FrameEnhancer = Callable[[np.ndarray], np.ndarray]
 EnhancerLoader = Callable[[str], FrameEnhancer]
-
-
-class TalkingHeadRequest(BaseModel):
-    """One talking-head job; field names follow the reference's options."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mode: Literal["talking_head"] = "talking_head"  # routes the job in a queue shared with image jobs
-    image: Path = Field(description="The portrait (PNG/JPEG/WebP).")
-    audio: Path = Field(description="The speech (any format ffmpeg reads).")
-    pose_style: int = Field(0, ge=0, le=45, description="One of the 46 learned head-motion styles.")
-    size: Literal[256, 512] = Field(256, description="Face renderer resolution.")
-    preprocess: Literal["crop", "extcrop", "resize", "full", "extfull"] = "crop"
-    still: bool = Field(False, description="Keep the photo's head pose (little head motion).")
-    enhancer: Literal["gfpgan", "RestoreFormer"] | None = None
-    expression_scale: float = Field(1.0, ge=0.0, le=3.0, description="Strength of the mouth/face motion.")
-    ref_eyeblink: Path | None = Field(None, description="A video whose eye blinks are copied.")
-    ref_pose: Path | None = Field(None, description="A video whose head motion is copied.")
-    batch_size: int = Field(2, ge=1, le=64, description="Frames rendered at once.")
-    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 picks a random seed.")
-    input_yaw: list[float] | None = Field(None, min_length=1, description="Head yaw path in degrees.")
-    input_pitch: list[float] | None = Field(None, min_length=1, description="Head pitch path in degrees.")
-    input_roll: list[float] | None = Field(None, min_length=1, description="Head roll path in degrees.")
 
 
 @dataclass(frozen=True)
@@ -115,13 +92,19 @@ class TalkingHeadEngine:
         outputs_root: Path,
         device: str | torch.device | None = None,
         enhancer_loader: EnhancerLoader | None = None,
+        background_loader: EnhancerLoader | None = None,
     ) -> None:
+        """``enhancer_loader`` turns ``request.enhancer`` into a frame enhancer (the studio passes its
+        face restorers); ``background_loader`` does the same for ``request.background_enhancer``
+        (default: :func:`sadtalker.background.load_background_enhancer` on ``models_dir``)."""
         import torch
 
         self.models_dir = Path(models_dir)
         self.outputs_root = Path(outputs_root)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._enhancer_loader = enhancer_loader
+        self._background_loader = background_loader
+        self._upscaler_cache: UpscalerCache | None = None
         self._models: dict[int, SadTalkerModels] = {}
         self._mappings: dict[str, MappingNet] = {}
         self._landmarker: FaceLandmarker | None = None
@@ -130,13 +113,13 @@ class TalkingHeadEngine:
     # --- models ---------------------------------------------------------------------------------
 
     def models(self, size: int) -> SadTalkerModels:
-        """The five networks of ``SadTalker_V0.0.2_{size}.safetensors`` (loaded once)."""
-        from sadtalker.checkpoints import find_sadtalker_files, load_sadtalker_checkpoint
+        """The five networks of ``SadTalker_V0.0.2_{size}.safetensors``, or of the pre-0.0.2 set when
+        that file is absent (loaded once)."""
+        from sadtalker.checkpoints import load_sadtalker_models
 
         with self._load_lock:
             if size not in self._models:
-                path = find_sadtalker_files(self.models_dir).checkpoint(size)
-                self._models[size] = load_sadtalker_checkpoint(path, size).to(self.device)
+                self._models[size] = load_sadtalker_models(self.models_dir, size).to(self.device)
             return self._models[size]
 
     def mapping(self, preprocess: str) -> MappingNet:
@@ -272,12 +255,44 @@ class TalkingHeadEngine:
             clock=clock,
             report=report,
             stop_point=stop_point,
-            extra={"landmarks": landmarker.name, "device": str(self.device), "output_size": [width, height]},
+            extra={
+                "landmarks": landmarker.name,
+                "device": str(self.device),
+                "output_size": [width, height],
+                "checkpoints": models.source,
+            },
         )
 
     # --- helpers ----------------------------------------------------------------------------------
 
     def _resolve_enhancer(
+        self, request: TalkingHeadRequest, enhance: FrameEnhancer | None
+    ) -> FrameEnhancer | None:
+        """The per-frame enhancer: the background upscaler first, then the face restorer on its
+        result (GFPGAN's ``bg_upsampler`` order: the restored face is pasted over the upscaled frame)."""
+        face = self._resolve_face_enhancer(request, enhance)
+        background = self._resolve_background_enhancer(request)
+        if background is None:
+            return face
+        if face is None:
+            return background
+        return lambda frame: face(_checked_frame(background(frame), frame.shape, "background enhancer"))
+
+    def _resolve_background_enhancer(self, request: TalkingHeadRequest) -> FrameEnhancer | None:
+        name = getattr(request, "background_enhancer", None)
+        if not name:
+            return None
+        if self._background_loader is not None:
+            return self._background_loader(name)
+        from pipelines.postprocess.upscalers import UpscalerCache
+        from sadtalker.background import load_background_enhancer
+
+        with self._load_lock:
+            if self._upscaler_cache is None:
+                self._upscaler_cache = UpscalerCache(1)  # kept, so the next job skips loading
+        return load_background_enhancer(self.models_dir, name, cache=self._upscaler_cache, device=self.device)
+
+    def _resolve_face_enhancer(
         self, request: TalkingHeadRequest, enhance: FrameEnhancer | None
     ) -> FrameEnhancer | None:
         if request.enhancer is None:
@@ -333,7 +348,7 @@ class TalkingHeadEngine:
         stop_point: Callable[[str], None],
         extra: dict[str, object],
     ) -> TalkingHeadResult:
-        from pipelines.outputs import atomic_write_bytes
+        from pipelines.outputs.saving import atomic_write_bytes
         from sadtalker.video import H264Writer, discard, mux_audio, publish, temporary_path
 
         total = renderer.frame_count
@@ -427,6 +442,17 @@ def _enhanced(enhancer: FrameEnhancer, frame: np.ndarray, width: int, height: in
             "it must return an RGB uint8 frame."
         )
     return fit_frame(result, width, height)
+
+
+def _checked_frame(frame: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """``frame`` as returned by one enhancer, refused unless it is an RGB uint8 frame of ``shape``."""
+    result = np.asarray(frame)
+    if result.shape != tuple(shape) or result.dtype != np.uint8:
+        raise SadTalkerError(
+            f"The {what} returned a {result.dtype} array of shape {result.shape}; "
+            f"it must return an RGB uint8 frame of shape {tuple(shape)}."
+        )
+    return result
 
 
 def _safe_stem(stem: str) -> str:

@@ -29,7 +29,7 @@ from diffusers.loaders.single_file_utils import (
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipelines.checkpoint_export import (
+from pipelines.models.checkpoint_export import (
     CheckpointExportError,
     ldm_config_for,
     pipeline_to_ldm_state_dict,

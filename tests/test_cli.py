@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipelines.infotext import parse_infotext
-from pipelines.outputs import read_png_parameters
+from pipelines.outputs.infotext import parse_infotext
+from pipelines.outputs.saving import read_png_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,8 +14,7 @@ from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from pipelines.checkpoint_export import _apply_module_map, _keep, _unet_module_map
-from pipelines.controlnet import (
+from pipelines.controlnet.units import (
     AnnotatorMissingError,
     ControlNetCache,
     ControlNetError,
@@ -33,7 +32,8 @@ from pipelines.controlnet import (
     soft_injection_scales,
     wrap_for_control_mode,
 )
-from pipelines.families import ModelFamily
+from pipelines.models.checkpoint_export import _apply_module_map, _keep, _unet_module_map
+from pipelines.models.families import ModelFamily
 from tests.tiny_models import tiny_pipeline
 
 SD1 = ModelFamily("sd1")
@@ -58,7 +58,7 @@ def tiny_controlnet(pipe: Any, seed: int) -> Any:
 def original_layout(controlnet: Any) -> dict[str, torch.Tensor]:
     """A ControlNet's state dict in the original cldm layout (without the ``control_model.``
     prefix): the inverse of diffusers' converter, built on the UNet key mapping of
-    :mod:`pipelines.checkpoint_export`."""
+    :mod:`pipelines.models.checkpoint_export`."""
     config = dict(controlnet.config)
     config["up_block_types"] = [t.replace("Down", "Up") for t in reversed(config["down_block_types"])]
     module_map = _unet_module_map(config)
@@ -189,7 +189,11 @@ def test_full_size_layouts_are_read_from_shapes(family: str, config: dict[str, A
     from accelerate import init_empty_weights
     from diffusers import ControlNetModel
 
-    from pipelines.controlnet import _convert_ldm_controlnet, base_from_config, controlnet_config_from_ldm
+    from pipelines.controlnet.units import (
+        _convert_ldm_controlnet,
+        base_from_config,
+        controlnet_config_from_ldm,
+    )
 
     with init_empty_weights():
         reference = ControlNetModel(**config)
@@ -221,7 +225,7 @@ def test_full_size_layouts_are_read_from_shapes(family: str, config: dict[str, A
 
 
 def test_sidecar_yaml_sets_the_attention_heads(originals: dict[str, Any]) -> None:
-    from pipelines.controlnet import controlnet_config_from_ldm
+    from pipelines.controlnet.units import controlnet_config_from_ldm
 
     state = original_layout(originals["single"])
     assert controlnet_config_from_ldm(state)["attention_head_dim"] == 8  # SD1's standard 8 heads

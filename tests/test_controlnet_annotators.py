@@ -24,7 +24,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.controlnet import (
+from pipelines.controlnet.annotators import (
+    AnnotatorCache,
+    load_leres_merge,
+    load_openpose_hand,
+    load_zoedepth,
+)
+from pipelines.controlnet.units import (
     AnnotatorLoadError,
     AnnotatorMissingError,
     ControlNetCache,
@@ -35,13 +41,7 @@ from pipelines.controlnet import (
     resolve_preprocessor,
     run_preprocessor,
 )
-from pipelines.controlnet_annotators import (
-    AnnotatorCache,
-    load_leres_merge,
-    load_openpose_hand,
-    load_zoedepth,
-)
-from pipelines.families import ModelFamily
+from pipelines.models.families import ModelFamily
 
 pytestmark = pytest.mark.filterwarnings(
     # controlnet_aux's package import (done quietly by the product; the tests import it first)
@@ -162,7 +162,7 @@ def test_hed_family_runs_from_its_file_and_loads_it_once(
     state = random_weights(architecture(ControlNetHED_Apache2), 1)
     state["norm"] = torch.full((1, 3, 1, 1), 120.0)  # an input offset in the pixel range, as trained
     save_annotator(models_root, "hed", "ControlNetHED.pth", state)
-    import pipelines.controlnet_annotators as annotators
+    import pipelines.controlnet.annotators as annotators
 
     reads: list[Path] = []
     real_read = annotators.read_annotator_weights

@@ -1,4 +1,4 @@
-"""pipelines.download against a fake Hugging Face hub served from 127.0.0.1 (never the network).
+"""pipelines.models.download against a fake Hugging Face hub served from 127.0.0.1 (never the network).
 
 The fake implements what huggingface_hub 2.4.0 calls (``model_info``, ``get_hf_file_metadata``; also the
 tree listing of ``list_repo_tree``/``snapshot_download``) and what the module's own streamer fetches:
@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as save_safetensors
 
-from pipelines.download import (
+from pipelines.models.download import (
     MODEL_KINDS,
     STANDARD_SD15,
     STANDARD_SD15_FILE,
@@ -934,7 +934,7 @@ def test_standard_download_command() -> None:
 
 def test_import_does_no_work() -> None:
     code = (
-        "import sys, pipelines.download; "
+        "import sys, pipelines.models.download; "
         "print(sorted(m for m in ('huggingface_hub', 'requests', 'torch', 'tqdm') if m in sys.modules))"
     )
     result = subprocess.run(

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.outputs import read_png_parameters
-from pipelines.requests import ExtrasRequest, Txt2ImgRequest
+from contract.images import ExtrasRequest, Txt2ImgRequest
+from pipelines.outputs.saving import read_png_parameters
 
 
 @pytest.fixture

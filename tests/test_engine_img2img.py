@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipelines.image_ops import ImageInputError
-from pipelines.requests import Img2ImgRequest, Txt2ImgRequest
+from contract.images import Img2ImgRequest, Txt2ImgRequest
+from pipelines.generation.image_ops import ImageInputError
 
 COMMON = {"prompt": "a cabin in the woods", "steps": 4, "seed": 21, "sampler_name": "Euler"}
 
@@ -249,7 +249,7 @@ class CentreFace:
     name = "centre face"
 
     def __call__(self, rgb: np.ndarray) -> list:
-        from pipelines.face_restore import DetectedFace
+        from pipelines.postprocess.face_restore import DetectedFace
 
         points = ((22.0, 26.0), (42.0, 26.0), (32.0, 36.0), (25.0, 46.0), (39.0, 46.0))
         return [DetectedFace(box=(12, 12, 40, 44), landmarks=points, eyes_detected=True)]

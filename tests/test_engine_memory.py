@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from pipelines.engine import EngineConfig, ImageEngine
+from contract.images import Txt2ImgRequest
 from pipelines.errors import OutOfMemoryError
-from pipelines.requests import Txt2ImgRequest
+from pipelines.generation.engine import EngineConfig, ImageEngine
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "prompt": "x"}
 
@@ -63,7 +63,7 @@ def test_auto_preset_on_cpu_and_flag_overrides(studio, tmp_path: Path) -> None:
 
 
 def test_vram_sizes_pick_presets() -> None:
-    from pipelines.memory import preset_for_vram
+    from pipelines.generation.memory import preset_for_vram
 
     gib = 2**30
     assert preset_for_vram(24 * gib, "sdxl") == "high"

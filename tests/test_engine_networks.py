@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from pipelines.requests import Img2ImgRequest, Txt2ImgRequest
+from contract.images import Img2ImgRequest, Txt2ImgRequest
 
 BASE = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "seed": 5, "sampler_name": "Euler"}
 

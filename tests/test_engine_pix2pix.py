@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from contract.images import Img2ImgRequest, Txt2ImgRequest
 from pipelines.errors import StudioError
-from pipelines.requests import Img2ImgRequest, Txt2ImgRequest
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from contract.images import Txt2ImgRequest
 from pipelines.errors import CheckpointLoadError, GenerationInterruptedError
-from pipelines.infotext import parse_infotext
 from pipelines.job_control import JobControl
-from pipelines.outputs import read_png_parameters
-from pipelines.requests import Txt2ImgRequest
+from pipelines.outputs.infotext import parse_infotext
+from pipelines.outputs.saving import read_png_parameters
 
 SMALL = {"width": 64, "height": 64, "steps": 3}
 
@@ -163,7 +163,7 @@ def test_sdxl_and_diffusers_folder_and_inpainting_checkpoints(studio) -> None:
     ],
 )
 def test_invalid_requests_name_the_field(fields: dict, field_name: str) -> None:
-    from pipelines.requests import format_validation_error
+    from contract.images import format_validation_error
 
     with pytest.raises(ValidationError) as caught:
         Txt2ImgRequest(prompt="x", **fields)

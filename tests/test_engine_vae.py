@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
-from pipelines.checkpoint_export import vae_to_ldm
+from contract.images import Txt2ImgRequest
 from pipelines.errors import CheckpointLoadError
-from pipelines.requests import Txt2ImgRequest
+from pipelines.models.checkpoint_export import vae_to_ldm
 
 BASE = {"prompt": "a red boat", "width": 64, "height": 64, "steps": 2, "seed": 8, "sampler_name": "Euler"}
 

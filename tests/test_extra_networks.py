@@ -13,7 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipelines.errors import StudioError
-from pipelines.extra_networks import (
+from pipelines.models.families import ModelFamily
+from pipelines.outputs.infotext import build_infotext
+from pipelines.prompts.encoding import encode_prompts
+from pipelines.prompts.extra_networks import (
     LORA_HASHES_KEY,
     LoraError,
     LoraNotFoundError,
@@ -26,10 +29,7 @@ from pipelines.extra_networks import (
     remove_loras,
     unload_embeddings,
 )
-from pipelines.families import ModelFamily
-from pipelines.infotext import build_infotext
-from pipelines.prompt_encoding import encode_prompts
-from pipelines.prompt_parser import ExtraNetworkRef, strip_extra_networks
+from pipelines.prompts.parser import ExtraNetworkRef, strip_extra_networks
 from tests.tiny_models import tiny_pipeline
 
 RANK = 4

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import pipelines.face_restore as face_restore
-from pipelines.face_restore import (
+import pipelines.postprocess.face_restore as face_restore
+from pipelines.postprocess.face_restore import (
     DETECTOR_HAAR,
     FaceRestorerNotFoundError,
     FaceRestorerWeightsMissingError,
@@ -25,7 +25,7 @@ from pipelines.face_restore import (
     list_face_restorers,
     restore_faces,
 )
-from pipelines.upscalers import ImageModelLoadError, UpscalerCache
+from pipelines.postprocess.upscalers import ImageModelLoadError, UpscalerCache
 
 
 @pytest.fixture(scope="module")

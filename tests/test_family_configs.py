@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from pipelines.family_configs import (
+from pipelines.models.family_configs import (
     CONFIGS_ROOT,
     FAMILIES,
     MissingFamilyConfigError,
@@ -27,7 +27,7 @@ from pipelines.family_configs import (
     scheduler_config,
     tokenizer_pad_token,
 )
-from pipelines.tokenizer import MODEL_MAX_LENGTH
+from pipelines.prompts.tokenizer import MODEL_MAX_LENGTH
 
 # Published parameter counts (SD1.5 / SD2.x / SDXL model cards and diffusers conversions). Inpainting
 # UNets add 5 input channels to conv_in: 320 * 5 * 3 * 3 = 14,400 weights.
@@ -230,8 +230,8 @@ def _build_vae(family: str) -> Any:
 def test_families_match_the_shipped_folders() -> None:
     # Every model-family folder (one with a model_index.json) is a known family, and vice versa;
     # other folders (e.g. sadtalker/ data) are not families.
-    # The SD x4 upscaler's configs are not a checkpoint family (see pipelines/sd_upscaler.py).
-    from pipelines.sd_upscaler import SD_UPSCALER_CONFIG_DIR
+    # The SD x4 upscaler's configs are not a checkpoint family (see pipelines/postprocess/sd_upscaler.py).
+    from pipelines.postprocess.sd_upscaler import SD_UPSCALER_CONFIG_DIR
 
     shipped = {path.name for path in CONFIGS_ROOT.iterdir() if (path / "model_index.json").is_file()}
     assert shipped == {*FAMILIES, SD_UPSCALER_CONFIG_DIR.name}

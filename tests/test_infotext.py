@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipelines.infotext import (
+from pipelines.outputs.infotext import (
     InfoText,
     InfotextValueError,
     build_infotext,

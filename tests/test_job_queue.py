@@ -10,10 +10,10 @@ import pytest
 
 from app.jobs.queue import JobQueue, QueueFullError
 from app.jobs.store import JobStore
-from pipelines.engine import GenerationResult, SavedImage
+from contract.images import Txt2ImgRequest
 from pipelines.errors import GenerationInterruptedError
+from pipelines.generation.engine import GenerationResult, SavedImage
 from pipelines.job_control import JobControl, ProgressEvent
-from pipelines.requests import Txt2ImgRequest
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
 

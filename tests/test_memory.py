@@ -1,4 +1,4 @@
-"""Tests of pipelines.memory: option wiring on a tiny random SD1.5 pipeline, on the CPU.
+"""Tests of pipelines.generation.memory: option wiring on a tiny random SD1.5 pipeline, on the CPU.
 
 The CUDA paths are tested by faking ``torch.cuda.is_available()`` and replacing the diffusers
 methods that would touch a GPU (offload, xFormers, ``pipe.to("cuda")``, ``torch.compile``) with
@@ -19,8 +19,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnPro
 from pydantic import ValidationError
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from pipelines import memory
-from pipelines.memory import (
+from pipelines.generation import memory
+from pipelines.generation.memory import (
     MEMORY_PRESETS,
     DeviceUnavailableError,
     MemoryOptions,
@@ -34,7 +34,7 @@ from pipelines.memory import (
     resolve_device,
     resolve_dtype,
 )
-from pipelines.tokenizer import build_clip_tokenizer
+from pipelines.prompts.tokenizer import build_clip_tokenizer
 from tests.tiny_models import tiny_pipeline
 
 CPU = torch.device("cpu")

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from pipelines.errors import CheckpointLoadError
-from pipelines.hashing import HashCache
-from pipelines.model_manager import ModelManager
-from pipelines.registry import ModelPaths, ModelRegistry
+from pipelines.models.hashing import HashCache
+from pipelines.models.model_manager import ModelManager
+from pipelines.models.registry import ModelPaths, ModelRegistry
 from tests.test_registry import SD1_KEYS, small, write_fake_safetensors
 
 

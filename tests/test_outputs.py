@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines import outputs
-from pipelines.outputs import (
+from pipelines.outputs import saving as outputs
+from pipelines.outputs.saving import (
     atomic_write_bytes,
     dated_output_dir,
     read_png_parameters,

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from pipelines.prompt_encoding import (
+from pipelines.prompts.encoding import (
     CHUNK_TOKENS,
     MAX_CHUNKS,
     PromptEmbeddings,
@@ -15,7 +15,7 @@ from pipelines.prompt_encoding import (
     chunk_prompt,
     encode_prompts,
 )
-from pipelines.tokenizer import build_clip_tokenizer
+from pipelines.prompts.tokenizer import build_clip_tokenizer
 
 HIDDEN = 32
 LAYERS = 5

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from pipelines.prompt_parser import (
+from pipelines.prompts.parser import (
     BREAK_MARKER,
     ExtraNetworkRef,
     is_break_marker,

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from pipelines.errors import CheckpointLoadError, ModelNotFoundError, NoModelsError
-from pipelines.families import ModelFamily, UnknownFamilyError, detect_family
-from pipelines.hashing import HashCache
-from pipelines.registry import ModelPaths, ModelRegistry
-from pipelines.safetensors_header import read_safetensors_header
+from pipelines.models.families import ModelFamily, UnknownFamilyError, detect_family
+from pipelines.models.hashing import HashCache
+from pipelines.models.registry import ModelPaths, ModelRegistry
+from pipelines.models.safetensors_header import read_safetensors_header
 
 SD1_KEYS = {
     "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import samplers
-from pipelines.samplers import (
+from contract import samplers
+from contract.samplers import (
     SAMPLER_NAMES,
     SAMPLERS,
     SCHEDULE_TYPES,
     UnknownSamplerError,
     a1111_equivalent_schedule_type,
-    build_scheduler,
     resolve_sampler_name,
     resolve_schedule_type,
     sampler_catalogue,
@@ -28,6 +27,7 @@ from pipelines.samplers import (
     scheduler_overrides,
     split_legacy_sampler_name,
 )
+from pipelines.generation.samplers import build_scheduler
 
 # stable-diffusion-v1-5 scheduler/scheduler_config.json (a diffusers 0.6 PNDM config: no
 # timestep_spacing key, so every class falls back to its own default spacing).
@@ -363,7 +363,7 @@ def test_catalogues_have_a1111_response_shape() -> None:
 
 def test_module_import_is_light() -> None:
     code = (
-        "import sys, pipelines.samplers, pipelines.infotext, pipelines.outputs; "
+        "import sys, pipelines.generation.samplers, pipelines.outputs.infotext, pipelines.outputs.saving; "
         "heavy = [m for m in ('torch', 'diffusers', 'PIL') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

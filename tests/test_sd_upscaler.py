@@ -19,10 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
+from contract.images import ExtrasRequest, Txt2ImgRequest
 from pipelines.errors import StudioError
-from pipelines.outputs import read_png_parameters
-from pipelines.requests import ExtrasRequest, Txt2ImgRequest
-from pipelines.sd_upscaler import (
+from pipelines.outputs.saving import read_png_parameters
+from pipelines.postprocess.sd_upscaler import (
     SD_UPSCALER_CONFIG_DIR,
     SdUpscalerCache,
     SdUpscalerLoadError,
@@ -31,7 +31,7 @@ from pipelines.sd_upscaler import (
     load_sd_upscaler,
     upscale_x4,
 )
-from pipelines.upscalers import UpscaleRequestError, find_upscaler, upscaler_catalogue
+from pipelines.postprocess.upscalers import UpscaleRequestError, find_upscaler, upscaler_catalogue
 
 TINY = "SD x4 (tiny-x4)"
 
@@ -46,8 +46,8 @@ def tiny_x4_pipeline(seed: int = 0) -> Any:
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from pipelines.family_configs import _read_json
-    from pipelines.tokenizer import build_clip_tokenizer
+    from pipelines.models.family_configs import _read_json
+    from pipelines.prompts.tokenizer import build_clip_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -105,7 +105,7 @@ def save_single_file(pipe: Any, path: Path) -> Path:
     """The pipeline in the original LDM layout, the way x4-upscaler-ema.safetensors is stored."""
     from safetensors.torch import save_file
 
-    from pipelines.checkpoint_export import open_clip_to_ldm, unet_to_ldm, vae_to_ldm
+    from pipelines.models.checkpoint_export import open_clip_to_ldm, unet_to_ldm, vae_to_ldm
 
     # The exporter refuses per-level only_cross_attention for checkpoints it writes; the key names
     # do not depend on it (attn1 is cross-attention in both layouts), so rename with it off.
@@ -323,7 +323,7 @@ def test_settings_are_checked_before_loading(tmp_path: Path) -> None:
 
 
 def test_out_of_memory_halves_the_tile(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import pipelines.sd_upscaler as sd_upscaler
+    import pipelines.postprocess.sd_upscaler as sd_upscaler
 
     tiles: list[int] = []
 
@@ -356,7 +356,7 @@ def test_shipped_configs_describe_the_real_model() -> None:
         infer_diffusers_model_type,
     )
 
-    from pipelines.family_configs import _read_json
+    from pipelines.models.family_configs import _read_json
 
     directory = SD_UPSCALER_CONFIG_DIR
     assert StableDiffusionUpscalePipeline.load_config(str(directory))["_class_name"] == (

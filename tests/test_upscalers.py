@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pipelines.errors import ModelNotFoundError, StudioError
-from pipelines.upscalers import (
+from pipelines.postprocess.upscalers import (
     UPSCALER_BUILTINS,
     ImageModelLoadError,
     UpscalerCache,

@@ -5,9 +5,9 @@ VAE, 32-wide five-layer CLIP text towers) so a 2-step 32x32 generation takes wel
 on CPU. Two things differ from those tests on purpose:
 
 * the text encoders keep CLIP's real vocabulary (49,408 tokens) and 77 positions, because the
-  tokenizers are the real CLIP BPE ones from :func:`pipelines.tokenizer.build_clip_tokenizer`;
+  tokenizers are the real CLIP BPE ones from :func:`pipelines.prompts.tokenizer.build_clip_tokenizer`;
 * group norms use 32 groups, the value the original LDM/SGM code hard-codes, so the models can be
-  exported as original single-file checkpoints (see :mod:`pipelines.checkpoint_export`).
+  exported as original single-file checkpoints (see :mod:`pipelines.models.checkpoint_export`).
 
 Each model is built from its own fixed seed inside a forked RNG, so two calls give identical
 weights and the caller's global torch RNG is left untouched.
@@ -146,7 +146,7 @@ def tiny_pipeline(family: str, *, inpainting: bool = False, seed: int = 0) -> Di
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from pipelines.tokenizer import build_clip_tokenizer
+    from pipelines.prompts.tokenizer import build_clip_tokenizer
 
     if family not in TINY_FAMILIES:
         raise ValueError(f"Unknown tiny model family {family!r}; choose one of {', '.join(TINY_FAMILIES)}.")
@@ -213,6 +213,6 @@ def save_diffusers_folder(pipe: DiffusionPipeline, path: str | Path) -> Path:
 
 def save_single_file(pipe: DiffusionPipeline, path: Path, family: str, *, sidecar_yaml: bool = True) -> Path:
     """Write an A1111-style ``<name>.safetensors`` (+ ``<name>.yaml``); returns the weights path."""
-    from pipelines.checkpoint_export import save_single_file_checkpoint
+    from pipelines.models.checkpoint_export import save_single_file_checkpoint
 
     return save_single_file_checkpoint(pipe, family, path, sidecar_yaml=sidecar_yaml)

@@ -31,7 +31,7 @@ def build_api_app(services: StudioServices, *, credentials: list[tuple[str, str]
     from app.api.limits import BodySizeLimit
     from app.api.security import ApiAuth
     from app.api.studio_routes import studio_router
-    from pipelines.engine import ENGINE_VERSION
+    from pipelines.generation.engine import ENGINE_VERSION
 
     context = ApiContext(services=services, auth=ApiAuth(list(credentials or [])))
     app = FastAPI(

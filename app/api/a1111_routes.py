@@ -47,8 +47,8 @@ from app.api.schemas import (
     UpscalerItem,
 )
 from app.api.security import Caller
+from contract.images import ExtrasRequest, Img2ImgRequest, Txt2ImgRequest
 from pipelines.errors import ModelNotFoundError, StudioError
-from pipelines.requests import ExtrasRequest, Img2ImgRequest, Txt2ImgRequest
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,8 @@ def a1111_router(context: ApiContext) -> APIRouter:
     @router.post("/png-info", response_model=PNGInfoResponse, dependencies=[caller_dependency])
     def png_info(body: PNGInfoRequest) -> Any:
         """The generation parameters stored in an image (PNG text chunk or EXIF)."""
-        from pipelines.infotext import parse_infotext
-        from pipelines.outputs import read_png_parameters
+        from pipelines.outputs.infotext import parse_infotext
+        from pipelines.outputs.saving import read_png_parameters
 
         image = decode_base64_image(body.image, field="image")
         info = read_png_parameters(image) or ""
@@ -309,13 +309,13 @@ def a1111_router(context: ApiContext) -> APIRouter:
 
     @router.get("/samplers", response_model=list[SamplerItem], dependencies=[caller_dependency])
     def samplers() -> Any:
-        from pipelines.samplers import sampler_catalogue
+        from contract.samplers import sampler_catalogue
 
         return sampler_catalogue()
 
     @router.get("/schedulers", response_model=list[SchedulerItem], dependencies=[caller_dependency])
     def schedulers() -> Any:
-        from pipelines.samplers import scheduler_catalogue
+        from contract.samplers import scheduler_catalogue
 
         return scheduler_catalogue()
 
@@ -327,7 +327,7 @@ def a1111_router(context: ApiContext) -> APIRouter:
         "/latent-upscale-modes", response_model=list[LatentUpscalerModeItem], dependencies=[caller_dependency]
     )
     def latent_upscale_modes() -> Any:
-        from pipelines.engine import LATENT_UPSCALE_MODES
+        from pipelines.generation.engine import LATENT_UPSCALE_MODES
 
         return [{"name": name} for name in LATENT_UPSCALE_MODES]
 
@@ -484,7 +484,7 @@ def switch_checkpoint(context: ApiContext, name: str) -> None:
 # --- catalogues (other modules may not be there yet in a given build) ---------------------------
 def upscaler_list(context: ApiContext) -> list[dict[str, Any]]:
     try:
-        from pipelines.upscalers import upscaler_catalogue
+        from pipelines.postprocess.upscalers import upscaler_catalogue
     except ImportError:
         return [
             {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": None}
@@ -495,7 +495,7 @@ def upscaler_list(context: ApiContext) -> list[dict[str, Any]]:
 
 def face_restorer_list(context: ApiContext) -> list[dict[str, Any]]:
     try:
-        from pipelines.face_restore import list_face_restorers
+        from pipelines.postprocess.face_restore import list_face_restorers
     except ImportError:
         return []
     return list_face_restorers(context.services.settings.models_dir)
@@ -503,7 +503,7 @@ def face_restorer_list(context: ApiContext) -> list[dict[str, Any]]:
 
 def lora_list(context: ApiContext) -> list[dict[str, Any]]:
     try:
-        from pipelines.extra_networks import list_loras
+        from pipelines.prompts.extra_networks import list_loras
     except ImportError:
         return []
     return list_loras(context.services.registry.paths.folder("lora"))
@@ -511,7 +511,7 @@ def lora_list(context: ApiContext) -> list[dict[str, Any]]:
 
 def embedding_list(context: ApiContext) -> dict[str, Any]:
     try:
-        from pipelines.extra_networks import list_embeddings
+        from pipelines.prompts.extra_networks import list_embeddings
     except ImportError:
         return {"loaded": {}, "skipped": {}}
     loaded = context.services.models.current

@@ -60,7 +60,7 @@ def validation_response(errors: Sequence[Any]) -> JSONResponse:
 
 
 def _unknown_sampler_message(errors: Sequence[Any]) -> str | None:
-    from pipelines.samplers import UnknownSamplerError
+    from contract.samplers import UnknownSamplerError
 
     for item in errors:
         cause = (item.get("ctx") or {}).get("error")
@@ -71,7 +71,7 @@ def _unknown_sampler_message(errors: Sequence[Any]) -> str | None:
 
 def status_for(exc: StudioError) -> int:
     from app.jobs.queue import QueueFullError
-    from pipelines.image_ops import ImageInputError
+    from pipelines.generation.image_ops import ImageInputError
 
     if isinstance(exc, QueueFullError):
         return 429

@@ -13,7 +13,7 @@ import binascii
 import io
 from typing import TYPE_CHECKING, Any
 
-from pipelines.image_ops import ImageInputError
+from pipelines.generation.image_ops import ImageInputError
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -1,6 +1,6 @@
 """Request and response bodies of the A1111-compatible API and the studio's job API.
 
-Generation requests extend the engine's own request models (``pipelines/requests.py``), so the
+Generation requests extend the engine's own request models (``contract/images.py``), so the
 API accepts exactly A1111's field names, defaults and bounds plus the fields only A1111's HTTP
 layer has (``alwayson_scripts``, ``script_name``...). Response models mirror A1111's so the
 OpenAPI page at ``/docs`` describes what its clients already parse.
@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.requests import ExtrasRequest, Img2ImgRequest, Txt2ImgRequest
-from sadtalker.engine import TalkingHeadRequest
+from contract.images import ExtrasRequest, Img2ImgRequest, Txt2ImgRequest
+from contract.talking_head import TalkingHeadRequest
 
 API_ONLY_FIELDS = {"script_name", "script_args", "alwayson_scripts", "force_task_id", "infotext"}
 

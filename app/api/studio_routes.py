@@ -29,7 +29,7 @@ from app.api.previews import latent_preview_png
 from app.api.schemas import JobAccepted, JobList, JobView, TalkingHeadApiRequest
 from app.api.security import Caller
 from app.api.talking_head_jobs import submit_talking_head_job
-from pipelines.requests import ExtrasRequest, Img2ImgRequest, Txt2ImgRequest
+from contract.images import ExtrasRequest, Img2ImgRequest, Txt2ImgRequest
 
 JOB_KINDS = ("txt2img", "img2img", "extras", "talking_head")
 

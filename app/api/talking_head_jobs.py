@@ -26,7 +26,7 @@ from app.uploads import remove_folder
 if TYPE_CHECKING:
     from app.api.context import ApiContext
     from app.api.schemas import TalkingHeadApiRequest
-    from sadtalker.engine import TalkingHeadRequest
+    from contract.talking_head import TalkingHeadRequest
 
 # Portrait formats kept byte for byte (EXIF orientation included); anything else becomes a PNG.
 KEPT_IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
@@ -88,7 +88,7 @@ def stage_portrait(value: Any, folder: Path) -> Path:
     from PIL import ImageOps
 
     from app.api.images import decode_base64_image
-    from pipelines.image_ops import ImageInputError
+    from pipelines.generation.image_ops import ImageInputError
 
     raw = decode_upload(value, field="image")
     try:
@@ -125,7 +125,7 @@ def stage_audio(value: Any, folder: Path) -> Path:
 
 def stage_talking_head_request(body: TalkingHeadApiRequest, folder: Path) -> TalkingHeadRequest:
     """The engine's request for ``body``, its files decoded and checked into ``folder``."""
-    from sadtalker.engine import TalkingHeadRequest
+    from contract.talking_head import TalkingHeadRequest
 
     fields = body.model_dump(exclude={"image", "audio", *REFERENCE_VIDEOS})
     fields["image"] = stage_portrait(body.image, folder)

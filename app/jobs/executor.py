@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from app.styles import StyleStore, apply_request_styles
-from pipelines.engine import GenerationResult, ImageEngine
+from contract.images import GenerationRequest
+from pipelines.generation.engine import GenerationResult, ImageEngine
 from pipelines.job_control import JobControl, ProgressCallback
-from pipelines.requests import GenerationRequest
 
 
 class Executor(Protocol):

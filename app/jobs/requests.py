@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.requests import REQUEST_TYPES, parse_request
+from contract.images import REQUEST_TYPES, parse_request
 
 
 def job_modes() -> tuple[str, ...]:
@@ -15,7 +15,7 @@ def job_modes() -> tuple[str, ...]:
 def parse_job_request(payload: dict[str, Any]) -> Any:
     """The request object for a JSON job (``mode`` picks the kind, txt2img by default)."""
     if payload.get("mode") == "talking_head":
-        from sadtalker.engine import TalkingHeadRequest
+        from contract.talking_head import TalkingHeadRequest
 
         return TalkingHeadRequest.model_validate(payload)
     return parse_request(payload)

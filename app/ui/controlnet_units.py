@@ -3,7 +3,7 @@ extension. Each unit has its control image, preprocessor and model, weight, guid
 control and resize modes, and a preview of the preprocessed control image.
 
 The units go into a generation request as ``controlnet_units`` (the extension's API unit fields,
-validated by :class:`pipelines.controlnet.ControlNetUnit`).
+validated by :class:`pipelines.controlnet.units.ControlNetUnit`).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class ControlNetBlock:
 
     def request_values(self, data: dict[Any, Any], request_model: type | None = None) -> dict[str, Any]:
         """``{"controlnet_units": [...]}`` for the enabled units (empty when none is on)."""
-        from pipelines.controlnet import ControlNetUnit
+        from contract.controlnet import ControlNetUnit
 
         units = [values for unit in self.units if (values := unit.unit_values(data)) is not None]
         if not units:
@@ -116,7 +116,7 @@ class ControlNetBlock:
 
 
 def model_choices(services: StudioServices) -> list[str]:
-    from pipelines.controlnet import model_catalogue
+    from pipelines.controlnet.units import model_catalogue
 
     return [NO_MODEL, *model_catalogue(services.registry.paths.folder("controlnet"))["model_list"]]
 
@@ -140,7 +140,8 @@ def build(
 ) -> ControlNetBlock:
     """Render the ControlNet accordion; ``width``/``height`` (the generation size sliders) feed
     "Pixel Perfect" in the preview."""
-    from pipelines.controlnet import PREPROCESSORS, ControlNetUnit
+    from contract.controlnet import ControlNetUnit
+    from pipelines.controlnet.units import PREPROCESSORS
 
     block = ControlNetBlock()
     with gr.Accordion("ControlNet", open=False, elem_id=f"{prefix}_controlnet"):
@@ -169,7 +170,7 @@ def build(
 def _build_unit(
     services: StudioServices, prefix: str, index: int, preprocessors: Any, unit_model: Any
 ) -> UnitControls:
-    from pipelines.controlnet import CONTROL_MODES, HIRES_OPTIONS, RESIZE_MODES
+    from contract.controlnet import CONTROL_MODES, HIRES_OPTIONS, RESIZE_MODES
 
     unit_id = f"{prefix}_cn{index}"
     with gr.Row():
@@ -276,7 +277,11 @@ def _wire_unit(
         )
 
     def preview(data: dict[Any, Any]) -> Any:
-        from pipelines.controlnet import default_annotator_dirs, pixel_perfect_resolution, run_preprocessor
+        from pipelines.controlnet.units import (
+            default_annotator_dirs,
+            pixel_perfect_resolution,
+            run_preprocessor,
+        )
 
         image = data[unit.image]
         if image is None:

@@ -13,7 +13,7 @@ def build(services: StudioServices, *, after_download: Any = None, refreshed: An
     download finishes, e.g. to refresh the checkpoint dropdown."""
     import gradio as gr
 
-    from pipelines.download import MODEL_KINDS, STANDARD_SD15, STANDARD_SD15_FILE
+    from pipelines.models.download import MODEL_KINDS, STANDARD_SD15, STANDARD_SD15_FILE
 
     with gr.Accordion("Download a model", open=not services.registry.checkpoints()):
         gr.Markdown(
@@ -28,7 +28,7 @@ def build(services: StudioServices, *, after_download: Any = None, refreshed: An
         log = gr.Textbox(label="Download log", lines=3, interactive=False)
 
     def download(data: dict[Any, Any], progress: gr.Progress = gr.Progress(track_tqdm=True)) -> str:  # noqa: B008
-        from pipelines.download import DownloadError, download_model
+        from pipelines.models.download import DownloadError, download_model
 
         messages: list[str] = []
         try:

@@ -15,7 +15,7 @@ from app.ui.images import encode_png
 from app.ui.job_runner import GPU_CONCURRENCY_ID, GPU_EVENT_LIMIT
 from app.ui.results_panel import ResultsPanel
 from app.ui.txt2img_tab import make_runner
-from pipelines.requests import ExtrasRequest
+from contract.images import ExtrasRequest
 
 if TYPE_CHECKING:
     from app.services import StudioServices
@@ -33,7 +33,7 @@ class ExtrasTab:
 
 
 def upscaler_choices(services: StudioServices) -> list[str]:
-    from pipelines.upscalers import list_upscalers
+    from pipelines.postprocess.upscalers import list_upscalers
 
     return [info.name for info in list_upscalers(services.settings.models_dir)]
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 from pydantic import BaseModel
 
+from contract.images import MAX_SEED, RANDOM_SEED, GenerationRequest
 from pipelines.errors import ModelNotFoundError
-from pipelines.requests import MAX_SEED, RANDOM_SEED, GenerationRequest
 
 if TYPE_CHECKING:
     from app.services import StudioServices
@@ -82,7 +82,7 @@ def default_checkpoint_choice(services: StudioServices) -> str | None:
 
 
 def schedule_choices(sampler: str | None) -> list[str]:
-    from pipelines.samplers import SCHEDULE_TYPES, UnknownSamplerError, schedule_types_for
+    from contract.samplers import SCHEDULE_TYPES, UnknownSamplerError, schedule_types_for
 
     try:
         return list(schedule_types_for(sampler or "Euler"))
@@ -243,7 +243,7 @@ def build_model_row(services: StudioServices, prefix: str) -> tuple[Any, Any, An
 
 def build_no_models_notice(services: StudioServices) -> None:
     """When ``models/Stable-diffusion`` is empty, say where to put a model (and how to get one)."""
-    from pipelines.registry import no_checkpoints_message
+    from pipelines.models.registry import no_checkpoints_message
 
     if checkpoint_choices(services):
         return
@@ -277,7 +277,7 @@ def build_parameters(
 ) -> GenerationControls:
     """Sampler, size, batch, CFG and seed controls; ``extra`` renders tab-specific controls
     (hires fix, denoising strength) between the sampler and the size rows."""
-    from pipelines.samplers import SAMPLER_NAMES
+    from contract.samplers import SAMPLER_NAMES
 
     with gr.Row():
         sampler = gr.Dropdown(

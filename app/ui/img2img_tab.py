@@ -14,7 +14,7 @@ from app.ui.images import encode_png, flatten
 from app.ui.job_runner import GPU_CONCURRENCY_ID, GPU_EVENT_LIMIT
 from app.ui.results_panel import ResultsPanel
 from app.ui.txt2img_tab import build_header, make_runner, wire_run_controls
-from pipelines.requests import Img2ImgRequest
+from contract.images import Img2ImgRequest
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from contract.images import format_validation_error
 from pipelines.errors import StudioError
-from pipelines.requests import format_validation_error
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -163,7 +163,7 @@ def progress_html(text: str, fraction: float = 0.0, state: str = "idle") -> str:
 
 
 def read_infotext(path: str) -> str:
-    from pipelines.outputs import read_png_parameters
+    from pipelines.outputs.saving import read_png_parameters
 
     try:
         return read_png_parameters(Path(path)) or ""
@@ -318,7 +318,7 @@ class JobRunner:
 
 
 def _seed_from_infotext(infotext: str) -> int | None:
-    from pipelines.infotext import InfotextValueError, parse_infotext
+    from pipelines.outputs.infotext import InfotextValueError, parse_infotext
 
     if not infotext:
         return None

@@ -27,7 +27,7 @@ def describe_image(path: str | None) -> tuple[str, str]:
     """(infotext, HTML table of everything else readable) for an uploaded file."""
     from PIL import Image, UnidentifiedImageError
 
-    from pipelines.outputs import read_png_parameters
+    from pipelines.outputs.saving import read_png_parameters
 
     if not path:
         return "", ""
@@ -47,7 +47,7 @@ def describe_image(path: str | None) -> tuple[str, str]:
         ) from None
     rows = [("Format", f"{file_format} {size[0]}x{size[1]} {mode}"), *other.items()]
     if parameters:
-        from pipelines.infotext import parse_infotext
+        from pipelines.outputs.infotext import parse_infotext
 
         rows += list(parse_infotext(parameters).params.items())
     table = "".join(

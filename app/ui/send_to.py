@@ -71,7 +71,7 @@ class SendTargets:
     def updates(
         self, services: StudioServices, target: str, path: str | None, infotext: str, with_parameters: bool
     ) -> dict[Any, Any]:
-        from pipelines.infotext import infotext_to_request_fields, parse_infotext
+        from pipelines.outputs.infotext import infotext_to_request_fields, parse_infotext
 
         fields: dict[str, Any] = {}
         if with_parameters and infotext:

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from app.settings import StudioSettings
 from app.ui.generation_controls import field_range, schedule_choices
 from app.ui.previews import PREVIEW_MODES
-from pipelines.requests import format_validation_error
+from contract.images import format_validation_error
 
 if TYPE_CHECKING:
     from app.services import StudioServices
@@ -50,7 +50,7 @@ def apply_settings(services: StudioServices, changes: dict[str, Any]) -> list[st
     Returns one line per effect for the user. Invalid values raise ``ValueError``/``ValidationError``
     before anything is saved.
     """
-    from pipelines.samplers import resolve_sampler_name, resolve_schedule_type, schedule_types_for
+    from contract.samplers import resolve_sampler_name, resolve_schedule_type, schedule_types_for
 
     settings = services.settings
     sampler = resolve_sampler_name(str(changes["default_sampler"]))
@@ -107,7 +107,7 @@ def apply_settings(services: StudioServices, changes: dict[str, Any]) -> list[st
 
 
 def build(services: StudioServices) -> None:
-    from pipelines.samplers import SAMPLER_NAMES
+    from contract.samplers import SAMPLER_NAMES
 
     settings = services.settings
     gr.Markdown(

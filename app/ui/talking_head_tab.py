@@ -21,7 +21,7 @@ class TalkingHeadTab:
 
 
 def _bounds(field: str) -> dict[str, Any]:
-    from sadtalker.engine import TalkingHeadRequest
+    from contract.talking_head import TalkingHeadRequest
 
     info = TalkingHeadRequest.model_fields[field]
     bounds: dict[str, Any] = {"value": info.default}
@@ -91,7 +91,7 @@ def build(services: StudioServices) -> TalkingHeadTab:
     def run(data: dict[Any, Any], request: gr.Request) -> Iterator[dict[Any, Any]]:
         from pydantic import ValidationError
 
-        from sadtalker.engine import TalkingHeadRequest
+        from contract.talking_head import TalkingHeadRequest
 
         if not data[image] or not data[audio]:
             raise gr.Error("Choose a portrait and a speech recording first.")

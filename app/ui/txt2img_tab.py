@@ -16,7 +16,7 @@ from app.ui.generation_controls import GenerationControls, field_range, slider
 from app.ui.job_runner import GPU_CONCURRENCY_ID, GPU_EVENT_LIMIT, JobRunner, TabSession
 from app.ui.previews import LatentPreviewer
 from app.ui.results_panel import ResultsPanel
-from pipelines.requests import RANDOM_SEED, Txt2ImgRequest
+from contract.images import RANDOM_SEED, Txt2ImgRequest
 
 if TYPE_CHECKING:
     from app.services import StudioServices
@@ -45,8 +45,8 @@ class Txt2ImgTab:
 
 def hires_upscaler_choices(services: StudioServices) -> list[str]:
     """Latent modes first (no model needed), then built-in and model upscalers, as in A1111."""
-    from pipelines.engine import LATENT_UPSCALE_MODES
-    from pipelines.upscalers import list_upscalers
+    from pipelines.generation.engine import LATENT_UPSCALE_MODES
+    from pipelines.postprocess.upscalers import list_upscalers
 
     names = list(LATENT_UPSCALE_MODES)
     names += [info.name for info in list_upscalers(services.settings.models_dir) if info.name != "None"]

@@ -14,8 +14,8 @@ from PIL import Image
 
 from app.services import StudioServices
 from app.settings import StudioSettings
-from pipelines.engine import GenerationResult, SavedImage
 from pipelines.errors import GenerationInterruptedError
+from pipelines.generation.engine import GenerationResult, SavedImage
 from pipelines.job_control import JobControl, ProgressEvent
 
 USERS = {"alice": "a-pass", "bob": "b-pass"}

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sadtalker.engine import TalkingHeadEngine, TalkingHeadRequest
+from contract.talking_head import TalkingHeadRequest
+from sadtalker.engine import TalkingHeadEngine
 from sadtalker.networks.generator import WarpingSpadeGenerator
 from tests.sadtalker.helpers import decode_frames, probe, write_wav
 

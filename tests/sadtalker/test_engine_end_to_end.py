@@ -13,8 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
+from contract.talking_head import TalkingHeadRequest
 from sadtalker.audio_io import load_audio
-from sadtalker.engine import TalkingHeadEngine, TalkingHeadRequest
+from sadtalker.engine import TalkingHeadEngine
 from tests.sadtalker.helpers import decode_frames, files_in, probe, write_wav
 
 FRAME = 1 / 25

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from sadtalker.engine import TalkingHeadEngine, TalkingHeadRequest
+from contract.talking_head import TalkingHeadRequest
+from sadtalker.engine import TalkingHeadEngine
 from sadtalker.errors import (
     AudioFileError,
     EmptyAudioError,

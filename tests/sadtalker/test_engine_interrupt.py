@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from contract.talking_head import TalkingHeadRequest
 from pipelines.errors import GenerationInterruptedError
-from sadtalker.engine import TalkingHeadEngine, TalkingHeadRequest
+from sadtalker.engine import TalkingHeadEngine
 from sadtalker.errors import TalkingHeadInterruptedError
 from tests.sadtalker.helpers import files_in
 

@@ -13,7 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from sadtalker.engine import TalkingHeadEngine, TalkingHeadRequest
+from contract.talking_head import TalkingHeadRequest
+from sadtalker.engine import TalkingHeadEngine
 from sadtalker.errors import SadTalkerError
 from sadtalker.video import H264Writer
 from tests.sadtalker.helpers import decode_frames, probe, write_wav

@@ -137,7 +137,7 @@ def test_inpaint_with_an_uploaded_mask(alice: StudioPage, pictures: dict[str, Pa
 def test_png_info_reads_parameters_and_sends_them_everywhere(
     alice: StudioPage, studio_server: RunningStudio, artifacts: Path
 ) -> None:
-    from pipelines.outputs import read_png_parameters
+    from pipelines.outputs.saving import read_png_parameters
 
     alice.small_job("txt2img", "a harbour at noon")
     alice.set_number("txt2img_seed", 4321)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from app.ui.generation_controls import GenerationControls, field_range
-from pipelines.infotext import infotext_to_request_fields, parse_infotext
-from pipelines.requests import Img2ImgRequest, Txt2ImgRequest
+from contract.images import Img2ImgRequest, Txt2ImgRequest
+from pipelines.outputs.infotext import infotext_to_request_fields, parse_infotext
 
 NAMES = [
     "checkpoint",

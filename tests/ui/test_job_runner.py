@@ -24,8 +24,8 @@ from app.ui.job_runner import (
     user_message,
 )
 from app.ui.previews import LatentPreviewer
+from contract.images import Txt2ImgRequest
 from pipelines.errors import OutOfMemoryError
-from pipelines.requests import Txt2ImgRequest
 
 BASE = JobStatus(
     id="job-1",
@@ -127,7 +127,7 @@ def _runner(queue: ScriptedQueue, tmp_path: Path) -> JobRunner:
 def _saved_png(path: Path, infotext: str) -> str:
     from PIL import Image
 
-    from pipelines.outputs import encode_image
+    from pipelines.outputs.saving import encode_image
 
     path.write_bytes(encode_image(Image.new("RGB", (8, 8)), ".png", infotext))
     return str(path)

@@ -40,7 +40,7 @@ def _top_level(loaded: set[str]) -> set[str]:
 
 def test_pipelines_import_neither_gradio_nor_the_app_nor_torch() -> None:
     modules, loaded = _import_everything("pipelines")
-    assert "pipelines.requests" in modules and "pipelines.engine" in modules
+    assert "contract.images" in modules and "pipelines.generation.engine" in modules
     top = _top_level(loaded)
     assert not top & {"gradio", "fastapi", "app"}, sorted(top & {"gradio", "fastapi", "app"})
     assert "torch" not in top, "a pipelines module imports torch at import time"

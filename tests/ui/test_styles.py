@@ -9,7 +9,7 @@ import pytest
 
 from app.jobs.executor import LocalExecutor
 from app.styles import PromptStyle, StyleStore, UnknownStyleError, apply_request_styles, merge_style_text
-from pipelines.requests import ExtrasRequest, Txt2ImgRequest
+from contract.images import ExtrasRequest, Txt2ImgRequest
 
 A1111_STYLES_CSV = (
     "name,prompt,negative_prompt\n"

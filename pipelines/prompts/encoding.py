@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipelines.prompt_parser import is_break_marker, parse_prompt_attention
+from pipelines.prompts.parser import is_break_marker, parse_prompt_attention
 
 if TYPE_CHECKING:
     import torch

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipelines.checkpoint_loader import LoadedCheckpoint, load_checkpoint
-from pipelines.registry import ModelEntry, ModelRegistry
+from pipelines.models.checkpoint_loader import LoadedCheckpoint, load_checkpoint
+from pipelines.models.registry import ModelEntry, ModelRegistry
 
 if TYPE_CHECKING:
     import torch

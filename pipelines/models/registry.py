@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from pipelines.errors import ModelNotFoundError, NoModelsError
-from pipelines.families import ModelFamily, UnknownFamilyError, detect_diffusers_family, detect_family
-from pipelines.hashing import SHORT_HASH_LENGTH, HashCache
+from pipelines.models.families import ModelFamily, UnknownFamilyError, detect_diffusers_family, detect_family
+from pipelines.models.hashing import SHORT_HASH_LENGTH, HashCache
 
 ModelKind = Literal[
     "checkpoint",
@@ -255,7 +255,7 @@ class ModelRegistry:
 
 
 def no_checkpoints_message(folder: Path) -> str:
-    from pipelines.download import standard_download_command
+    from pipelines.models.download import standard_download_command
 
     return (
         f"No Stable Diffusion checkpoint found in {folder}.\n"
@@ -284,12 +284,12 @@ def detect_entry_family(entry: ModelEntry) -> ModelFamily:
     if entry.sidecar_yaml is not None:
         original_config = yaml.safe_load(entry.sidecar_yaml.read_text(encoding="utf-8"))
     if entry.file_format == "safetensors":
-        from pipelines.safetensors_header import read_safetensors_header
+        from pipelines.models.safetensors_header import read_safetensors_header
 
         header = read_safetensors_header(entry.path)
         shapes = {key: info.shape for key, info in header.tensors.items()}
     else:
-        from pipelines.checkpoint_loader import read_pickled_state_dict
+        from pipelines.models.checkpoint_loader import read_pickled_state_dict
 
         shapes = {key: tuple(value.shape) for key, value in read_pickled_state_dict(entry.path).items()}
     return detect_family(shapes, original_config=original_config, name=entry.filename)

@@ -14,7 +14,7 @@ overlaps are cross-faded, so accelerator memory depends on the tile size, not on
 (the full-size result is assembled in CPU memory).
 
 Loaded models live in an explicit :class:`UpscalerCache` owned by the caller (no module globals);
-face restoration (``pipelines.face_restore``) loads its models through the same cache.
+face restoration (``pipelines.postprocess.face_restore``) loads its models through the same cache.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from PIL import Image
     from spandrel import ImageModelDescriptor
 
-    from pipelines.sd_upscaler import SdX4Upscaler
+    from pipelines.postprocess.sd_upscaler import SdX4Upscaler
 
 UPSCALER_BUILTINS: tuple[str, ...] = ("None", "Lanczos", "Nearest")
 # A1111's upscaler folders under ``models/``, searched in this order (first one wins on a name clash).
@@ -45,7 +45,9 @@ UPSCALER_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt")
 # A1111 runs a model at most this many times to reach a wanted scale above the model's own.
 MAX_MODEL_PASSES = 3
 MIN_TILE = 16
-_SD_UPSCALER_KIND = "SD-Upscaler"  # pipelines.sd_upscaler.SD_UPSCALER_FOLDER (imported lazily: it imports us)
+_SD_UPSCALER_KIND = (
+    "SD-Upscaler"  # pipelines.postprocess.sd_upscaler.SD_UPSCALER_FOLDER (imported lazily: it imports us)
+)
 DEFAULT_CACHE_SIZE = 2
 
 ProgressCallback = Callable[[int, int], None]
@@ -142,7 +144,7 @@ def scale_from_safetensors_header(path: Path) -> int | None:
     Reads only the header (no tensor data). Other architectures answer ``None``; the file name is
     the fallback then.
     """
-    from pipelines.safetensors_header import read_safetensors_header
+    from pipelines.models.safetensors_header import read_safetensors_header
 
     try:
         header = read_safetensors_header(path)
@@ -183,7 +185,7 @@ def _known_scale(path: Path) -> int | None:
 
 def list_upscalers(models_root: Path) -> list[UpscalerInfo]:
     """Built-ins, then every model file in the upscaler folders (no model is loaded), then the
-    Stable Diffusion x4 upscalers of ``models/SD-Upscaler`` (see ``pipelines.sd_upscaler``).
+    Stable Diffusion x4 upscalers of ``models/SD-Upscaler`` (see ``pipelines.postprocess.sd_upscaler``).
 
     Names are the file path relative to its folder without extension (``4x-UltraSharp``,
     ``sub/model``); a name already taken by an earlier folder is prefixed with its folder
@@ -199,7 +201,12 @@ def list_upscalers(models_root: Path) -> list[UpscalerInfo]:
                 name = f"{folder_name}/{name}"
             taken.add(name.lower())
             infos.append(UpscalerInfo(name, path, folder_name, _known_scale(path)))
-    from pipelines.sd_upscaler import SD_UPSCALER_FOLDER, SD_UPSCALER_SCALE, list_sd_upscalers, upscaler_name
+    from pipelines.postprocess.sd_upscaler import (
+        SD_UPSCALER_FOLDER,
+        SD_UPSCALER_SCALE,
+        list_sd_upscalers,
+        upscaler_name,
+    )
 
     for name, path in list_sd_upscalers(models_root):
         infos.append(UpscalerInfo(upscaler_name(name), path, SD_UPSCALER_FOLDER, SD_UPSCALER_SCALE))
@@ -278,7 +285,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from pipelines.safetensors_header import read_safetensors_header
+        from pipelines.models.safetensors_header import read_safetensors_header
 
         try:
             read_safetensors_header(path)  # clear messages for truncated/non-safetensors files
@@ -657,7 +664,7 @@ def upscale(
     resize_to, crop_box = plan_output_size(rgb.size, scale=scale, target_size=target_size, crop=crop)
 
     if is_sd_x4:
-        from pipelines.sd_upscaler import SdX4Upscaler
+        from pipelines.postprocess.sd_upscaler import SdX4Upscaler
 
         runner = sd_upscaler if sd_upscaler is not None else SdX4Upscaler(progress=progress)
         assert info.path is not None
@@ -685,7 +692,7 @@ def _run_model_passes(
     progress: ProgressCallback | None,
 ) -> Image.Image:
     """Apply the model until ``rgb`` covers ``resize_to`` (a 1x model runs once)."""
-    from pipelines.memory import free_accelerator_memory, is_out_of_memory
+    from pipelines.generation.memory import free_accelerator_memory, is_out_of_memory
 
     current = rgb
     for _ in range(MAX_MODEL_PASSES):

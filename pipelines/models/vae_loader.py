@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from pipelines.errors import CheckpointLoadError
-from pipelines.registry import ModelEntry
+from pipelines.models.registry import ModelEntry
 
 AUTOMATIC = ("Automatic", "None", "")
 
@@ -53,7 +53,7 @@ def load_vae(entry: ModelEntry, reference_vae: Any) -> Any:
             return AutoencoderKL.from_pretrained(str(entry.path), local_files_only=True, torch_dtype=dtype)
         except (OSError, ValueError) as exc:
             raise CheckpointLoadError(f"VAE {entry.filename}: cannot load this folder ({exc}).") from exc
-    from pipelines.checkpoint_loader import read_state_dict
+    from pipelines.models.checkpoint_loader import read_state_dict
 
     state_dict = read_state_dict(entry.path)
     config = dict(reference_vae.config)

@@ -9,7 +9,7 @@
 * **Preprocessors** are keyed by the extension's module names. ``none``, ``invert``, ``canny`` and
   a few other model-free ones run here; the annotator networks (depth, pose, HED...) run from the
   files the extension downloads, found in ``models/ControlNet/annotators`` (see
-  :mod:`pipelines.controlnet_annotators`); asking for one whose file is missing names the file and
+  :mod:`pipelines.controlnet.annotators`); asking for one whose file is missing names the file and
   where to get it. Segmentation and DWPose are listed but not supported.
 * **Units** are the extension's API units (:class:`ControlNetUnit`); :func:`prepare_control_inputs`
   turns enabled units into the arguments of a diffusers ``StableDiffusion[XL]ControlNetPipeline``.
@@ -49,9 +49,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-
-from pipelines import controlnet_annotators as annotators_module
+from contract.controlnet import (
+    ControlNetUnit,
+    resolve_preprocessor_name,
+)
+from pipelines.controlnet import annotators as annotators_module
 from pipelines.errors import CheckpointLoadError, ModelNotFoundError, StudioError
 
 if TYPE_CHECKING:
@@ -59,8 +61,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from pipelines.controlnet_annotators import AnnotatorCache, AnnotatorFunction
-    from pipelines.families import ModelFamily
+    from pipelines.controlnet.annotators import AnnotatorCache, AnnotatorFunction
+    from pipelines.models.families import ModelFamily
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +70,6 @@ CONTROLNET_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
 ANNOTATOR_FOLDER = "annotators"
 """Subfolder of ``models/ControlNet`` for preprocessor (annotator) weights; never listed as models."""
 
-ResizeModeName = Literal["Just Resize", "Crop and Resize", "Resize and Fill"]
-ControlModeName = Literal["Balanced", "My prompt is more important", "ControlNet is more important"]
-HiresOptionName = Literal["Both", "Low res only", "High res only"]
-HIRES_OPTIONS: tuple[HiresOptionName, ...] = ("Both", "Low res only", "High res only")
-RESIZE_MODES: tuple[ResizeModeName, ...] = ("Just Resize", "Crop and Resize", "Resize and Fill")
-CONTROL_MODES: tuple[ControlModeName, ...] = (
-    "Balanced",
-    "My prompt is more important",
-    "ControlNet is more important",
-)
-_RESIZE_MODE_ALIASES = {  # the extension's older names
-    "Inner Fit (Scale to Fit)": "Crop and Resize",
-    "Scale to Fit (Inner Fit)": "Crop and Resize",
-    "Outer Fit (Shrink to Fit)": "Resize and Fill",
-    "Envelope (Outer Fit)": "Resize and Fill",
-    "Just Resize (Latent upscale)": "Just Resize",
-}
 SOFT_INJECTION_BASE = 0.825
 """The extension's "soft injection" factor: residual ``i`` of 13 is scaled by ``0.825 ** (12 - i)``."""
 
@@ -571,13 +556,11 @@ and full labels."""
 
 def resolve_preprocessor(name: str) -> tuple[str, Preprocessor]:
     """``(key, preprocessor)`` for a table key, API name or label (case-insensitive)."""
-    wanted = (name or "none").strip().lower()
-    for key, preprocessor in PREPROCESSORS.items():
-        if wanted in (key.lower(), preprocessor.api_name.lower(), preprocessor.label.lower()):
-            return key, preprocessor
-    raise ControlNetError(
-        f"Unknown ControlNet preprocessor (module) '{name}'. Choose one of: {', '.join(PREPROCESSORS)}."
-    )
+    try:
+        key = resolve_preprocessor_name(name)
+    except ValueError as exc:
+        raise ControlNetError(str(exc)) from None
+    return key, PREPROCESSORS[key]
 
 
 def _sorted_preprocessors() -> list[Preprocessor]:
@@ -1074,7 +1057,7 @@ def load_controlnet_file(path: Path) -> tuple[Any, str]:
     from accelerate import init_empty_weights
     from diffusers import ControlNetModel
 
-    from pipelines.checkpoint_loader import read_state_dict
+    from pipelines.models.checkpoint_loader import read_state_dict
 
     try:
         raw = read_state_dict(path)
@@ -1202,122 +1185,6 @@ class ControlNetCache:
 # ============================================================================================
 # Units
 # ============================================================================================
-
-
-class ControlNetUnit(BaseModel):
-    """One unit of the extension's API (``alwayson_scripts.controlnet.args[i]``).
-
-    Unknown fields are ignored and the extension's legacy names (``guidance``, ``lowvram``,
-    ``input_image``) are accepted. ``image`` is a file path or base64 data (``data:`` URLs too).
-    ``processor_res``/``threshold_*`` of ``-1`` mean the preprocessor's defaults.
-    """
-
-    model_config = ConfigDict(extra="ignore", validate_assignment=True)
-
-    enabled: bool = Field(True, description="On unless disabled, as in the extension's API.")
-    module: str = Field("none", description="Preprocessor, e.g. 'canny', 'depth_midas', 'none'.")
-    model: str = Field("None", description="ControlNet model name from /controlnet/model_list.")
-    weight: float = Field(1.0, ge=0.0, le=2.0, description="Control weight.")
-    image: str | None = Field(None, description="Control image: a file path or base64 data.")
-    resize_mode: ResizeModeName = Field("Crop and Resize", description="How the image is fitted to the size.")
-    low_vram: bool = False
-    processor_res: int = Field(-1, description="Preprocessor resolution; -1 = default (512).")
-    threshold_a: float = Field(-1, description="First preprocessor parameter; -1 = default.")
-    threshold_b: float = Field(-1, description="Second preprocessor parameter; -1 = default.")
-    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of steps before control starts.")
-    guidance_end: float = Field(
-        1.0, ge=0.0, le=1.0, description="Fraction of steps after which control stops."
-    )
-    control_mode: ControlModeName = Field("Balanced", description="Balance between prompt and control.")
-    pixel_perfect: bool = Field(False, description="Pick processor_res from the image and target size.")
-    hr_option: HiresOptionName = Field(
-        "Both", description="With hires fix: control the first pass, the second pass, or both."
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _legacy_names(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        for old, new in (("guidance", "guidance_end"), ("lowvram", "low_vram"), ("input_image", "image")):
-            if old in data and new not in data:
-                data[new] = data.pop(old)
-        image = data.get("image")
-        if isinstance(image, dict):  # {"image": ..., "mask": ...}
-            data["image"] = image.get("image")
-        return data
-
-    @field_validator("module", mode="before")
-    @classmethod
-    def _known_module(cls, value: Any) -> str:
-        try:
-            return resolve_preprocessor(str(value))[0]
-        except ControlNetError as exc:
-            raise ValueError(str(exc)) from None
-
-    @field_validator("resize_mode", mode="before")
-    @classmethod
-    def _resize_mode(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError("use 'Just Resize', 'Crop and Resize', 'Resize and Fill' or 0/1/2")
-        if isinstance(value, int):
-            if value == 3:  # the extension's 'Just Resize (Latent upscale)'
-                return "Just Resize"
-            if 0 <= value < len(RESIZE_MODES):
-                return RESIZE_MODES[value]
-            raise ValueError(
-                f"{value} is not a resize mode; use 0 (Just Resize), 1 (Crop and Resize), 2 (Resize and Fill)"
-            )
-        if isinstance(value, str):
-            return _RESIZE_MODE_ALIASES.get(value, value)
-        return value
-
-    @field_validator("control_mode", mode="before")
-    @classmethod
-    def _control_mode(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError(
-                "use 'Balanced', 'My prompt is more important', 'ControlNet is more important' or 0/1/2"
-            )
-        if isinstance(value, int):
-            if 0 <= value < len(CONTROL_MODES):
-                return CONTROL_MODES[value]
-            raise ValueError(
-                f"{value} is not a control mode; use 0 (Balanced), 1 (My prompt), 2 (ControlNet)"
-            )
-        return value
-
-    @field_validator("hr_option", mode="before")
-    @classmethod
-    def _hr_option(cls, value: Any) -> Any:
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(HIRES_OPTIONS):
-            return HIRES_OPTIONS[value]
-        return value
-
-    def applies_to_pass(self, hires_pass: bool, *, hires_enabled: bool) -> bool:
-        """Whether this unit controls the first pass or (``hires_pass``) the hires-fix second pass.
-
-        Without hires fix every enabled unit controls the single pass, whatever ``hr_option`` says.
-        """
-        if not self.enabled:
-            return False
-        if not hires_enabled:
-            return True
-        excluded = "Low res only" if hires_pass else "High res only"
-        return self.hr_option != excluded
-
-    @field_validator("guidance_end")
-    @classmethod
-    def _end_after_start(cls, value: float, info: ValidationInfo) -> float:
-        start = info.data.get("guidance_start")
-        if start is not None and start > value:
-            raise ValueError(f"must not be before guidance_start ({start}); got {value}")
-        return value
-
-    @property
-    def uses_model(self) -> bool:
-        return bool(self.model) and self.model.strip().lower() != "none"
 
 
 def load_unit_image(

@@ -28,7 +28,7 @@ FAMILIES: tuple[str, ...] = (
     "sdxl-refiner",
 )
 
-CONFIGS_ROOT = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_ROOT = Path(__file__).resolve().parents[2] / "configs"
 
 # The file that holds a component's config, where it is not ``<component>/config.json``.
 _CONFIG_FILE_NAMES: dict[str, str] = {
@@ -136,7 +136,7 @@ def tokenizer_pad_token(family: str, tokenizer: str = "tokenizer") -> str:
 
     Why not just ``tokenizer_config.json``: the SD 2.x hub repos say ``<|endoftext|>`` there but
     ``!`` in ``special_tokens_map.json``, and transformers lets the latter win. We apply the same
-    rule so callers of ``pipelines.tokenizer.build_clip_tokenizer`` pick the right pad token.
+    rule so callers of ``pipelines.prompts.tokenizer.build_clip_tokenizer`` pick the right pad token.
     """
     pad_token: Any = load_component_config(family, tokenizer).get("pad_token")
     special_tokens_path = family_config_dir(family) / tokenizer / "special_tokens_map.json"

@@ -280,7 +280,7 @@ def _join_lines(lines: list[str]) -> str:
 
 def _schedule_label(schedule: str | None) -> str | None:
     """Canonical schedule-type label; unknown text is kept for the API to reject with choices."""
-    from pipelines.samplers import resolve_schedule_type
+    from contract.samplers import resolve_schedule_type
 
     if schedule is None:
         return None
@@ -292,7 +292,7 @@ def _schedule_label(schedule: str | None) -> str | None:
 
 def _sampler_and_schedule(sampler: str | None, schedule: str | None) -> tuple[str | None, str | None]:
     """Canonical sampler + schedule label; old names like "DPM++ 2M Karras" carry the schedule."""
-    from pipelines.samplers import UnknownSamplerError, split_legacy_sampler_name
+    from contract.samplers import UnknownSamplerError, split_legacy_sampler_name
 
     label = _schedule_label(schedule)
     if sampler is None:

@@ -28,12 +28,7 @@ Rules the table follows:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
-
-    from diffusers import SchedulerMixin
+from typing import Any
 
 __all__ = [
     "SAMPLERS",
@@ -43,10 +38,10 @@ __all__ = [
     "ScheduleTypeSpec",
     "UnknownSamplerError",
     "a1111_equivalent_schedule_type",
-    "build_scheduler",
     "resolve_sampler_name",
     "resolve_schedule_type",
     "sampler_catalogue",
+    "sampler_spec",
     "schedule_types_for",
     "scheduler_catalogue",
     "scheduler_overrides",
@@ -365,7 +360,7 @@ def _valid_sampler_hint() -> str:
     return ", ".join(SAMPLER_NAMES)
 
 
-def _spec_for(name: str) -> SamplerSpec:
+def sampler_spec(name: str) -> SamplerSpec:
     if not isinstance(name, str):
         raise UnknownSamplerError(
             f"sampler_name must be a string such as 'Euler a', got {type(name).__name__}. "
@@ -382,7 +377,7 @@ def _spec_for(name: str) -> SamplerSpec:
 
 def resolve_sampler_name(name: str) -> str:
     """Canonical A1111 sampler name for a name or alias, ignoring case and extra spaces."""
-    return _spec_for(name).name
+    return sampler_spec(name).name
 
 
 def resolve_schedule_type(name: str) -> str:
@@ -403,7 +398,7 @@ def resolve_schedule_type(name: str) -> str:
 
 def schedule_types_for(sampler: str) -> tuple[str, ...]:
     """Schedule types that ``sampler`` (name or alias) supports, in dropdown order."""
-    return _spec_for(sampler).schedule_types
+    return sampler_spec(sampler).schedule_types
 
 
 def a1111_equivalent_schedule_type(sampler: str) -> str:
@@ -413,7 +408,7 @@ def a1111_equivalent_schedule_type(sampler: str) -> str:
     its sampler table) or, for k-diffusion samplers without one, to k-diffusion's uniform schedule.
     Timestep samplers (DDIM, PLMS, UniPC) and samplers A1111 does not have answer "Automatic".
     """
-    return _spec_for(sampler).a1111_schedule
+    return sampler_spec(sampler).a1111_schedule
 
 
 def split_legacy_sampler_name(name: str) -> tuple[str, str | None]:
@@ -438,7 +433,7 @@ def split_legacy_sampler_name(name: str) -> tuple[str, str | None]:
             sampler = lookup.get(lowered[: -len(suffix)].strip())
             if sampler is not None:
                 return sampler.name, label
-    return _spec_for(stripped).name, None
+    return sampler_spec(stripped).name, None
 
 
 def _schedule_overrides(spec: SamplerSpec, schedule_type: str) -> dict[str, Any]:
@@ -475,8 +470,8 @@ def _schedule_overrides(spec: SamplerSpec, schedule_type: str) -> dict[str, Any]
 def scheduler_overrides(
     sampler_name: str, schedule_type: str, *, noise_seed: int | None = None
 ) -> dict[str, Any]:
-    """The exact ``from_config`` keyword overrides :func:`build_scheduler` uses (no imports)."""
-    spec = _spec_for(sampler_name)
+    """The exact ``from_config`` keyword overrides :func:`build_scheduler` uses (no diffusers import)."""
+    spec = sampler_spec(sampler_name)
     label = resolve_schedule_type(schedule_type)
     if label not in spec.schedule_types:
         raise ValueError(
@@ -488,38 +483,6 @@ def scheduler_overrides(
     if spec.needs_noise_seed and noise_seed is not None:
         overrides["noise_sampler_seed"] = int(noise_seed)
     return overrides
-
-
-def build_scheduler(
-    sampler_name: str,
-    schedule_type: str,
-    base_config: Mapping[str, Any],
-    *,
-    noise_seed: int | None = None,
-) -> SchedulerMixin:
-    """Build the diffusers scheduler for an A1111 sampler + schedule type.
-
-    ``base_config`` is the model's scheduler config (``pipe.scheduler.config``); it is passed to
-    ``SchedulerClass.from_config`` with only the sampler's overrides on top, so model properties
-    such as ``prediction_type="v_prediction"`` survive.
-
-    ``noise_seed`` matters for "DPM++ SDE" only: its Brownian-tree noise is seeded from this value
-    (A1111 seeds it with the image seed). Without it diffusers draws the tree seed from torch's
-    global RNG and the image is not reproducible. Other samplers ignore it; ancestral and SDE
-    samplers take their noise from the generator the pipeline passes to ``step``.
-    """
-    import diffusers
-
-    spec = _spec_for(sampler_name)
-    overrides = scheduler_overrides(spec.name, schedule_type, noise_seed=noise_seed)
-    scheduler_class = getattr(diffusers, spec.scheduler_class)
-    try:
-        return scheduler_class.from_config(dict(base_config), **overrides)
-    except ImportError as exc:
-        raise ImportError(
-            f"sampler_name {spec.name!r} needs an optional package that is missing ({exc}). "
-            "Install the project requirements: pip install -r requirements.txt"
-        ) from exc
 
 
 def sampler_catalogue() -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """The Stable Diffusion x4 upscaler (``stabilityai/stable-diffusion-x4-upscaler``) as an upscaler.
 
-Unlike the spandrel models in ``pipelines.upscalers`` this is a text-guided latent diffusion model:
-the low-resolution image, noised to ``noise_level``, is concatenated to 4 latent channels (the UNet
+Unlike the spandrel models in ``pipelines.postprocess.upscalers`` this is a text-guided latent diffusion
+model: the low-resolution image, noised to ``noise_level``, is concatenated to 4 latent channels (the UNet
 sees 7), denoised from random latents for a number of steps, and decoded by a VAE that upsamples 4x.
 So the result depends on a seed (always drawn from a CPU generator: the same seed gives the same
 image on any device), on a prompt (empty by default; an empty prompt and negative prompt make
@@ -14,14 +14,14 @@ Where the weights live: ``models/SD-Upscaler/``, either
   ``.safetensors`` weights; a missing ``tokenizer/`` is rebuilt offline), or
 * the original single file ``x4-upscaler-ema.safetensors``, converted by diffusers'
   ``from_single_file`` with the component configs shipped in ``configs/sd-x4-upscaler/`` (the
-  hub repo's JSON files) and the SD2 OpenCLIP tokenizer from ``pipelines.tokenizer``: nothing is
+  hub repo's JSON files) and the SD2 OpenCLIP tokenizer from ``pipelines.prompts.tokenizer``: nothing is
   fetched from the network.
 
 Each one appears in the upscaler list as ``SD x4 (<name>)`` with scale 4.
 
 Memory: activations grow with the input area, so inputs larger than ``tile`` pixels (default 128,
 giving 512-pixel output tiles) are cut into overlapping tiles that run one by one (each with its
-own seed, ``seed + tile index``) and are cross-faded with ``pipelines.upscalers``' feathered
+own seed, ``seed + tile index``) and are cross-faded with ``pipelines.postprocess.upscalers``' feathered
 weights; the full-size result is assembled in CPU memory. The engine's memory options (dtype,
 attention, slicing, offload) are applied to the pipeline, except that the VAE always runs in
 float32 (the original config notes that this decoder breaks in half precision) and the UNet is
@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import CheckpointLoadError, OutOfMemoryError
-from pipelines.family_configs import CONFIGS_ROOT
-from pipelines.upscalers import (
+from pipelines.models.family_configs import CONFIGS_ROOT
+from pipelines.postprocess.upscalers import (
     ProgressCallback,
     UpscaleRequestError,
     UpscalerFileMissingError,
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from pipelines.memory import MemoryOptions
+    from pipelines.generation.memory import MemoryOptions
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def list_sd_upscalers(models_root: Path) -> list[tuple[str, Path]]:
 # loading
 # ---------------------------------------------------------------------------------------------
 def _check_safetensors(path: Path, where: Path) -> None:
-    from pipelines.safetensors_header import read_safetensors_header
+    from pipelines.models.safetensors_header import read_safetensors_header
 
     try:
         read_safetensors_header(path)
@@ -275,7 +275,7 @@ def _load_folder(path: Path, dtype: torch.dtype) -> Any:
     from diffusers import StableDiffusionUpscalePipeline
     from safetensors import SafetensorError
 
-    from pipelines.tokenizer import build_clip_tokenizer
+    from pipelines.prompts.tokenizer import build_clip_tokenizer
 
     check_diffusers_folder(path)
     overrides: dict[str, Any] = {}
@@ -294,7 +294,7 @@ def _load_folder(path: Path, dtype: torch.dtype) -> Any:
 
 
 def _check_single_file(path: Path) -> None:
-    from pipelines.safetensors_header import read_safetensors_header
+    from pipelines.models.safetensors_header import read_safetensors_header
 
     if path.suffix.lower() != ".safetensors":
         raise SdUpscalerLoadError(
@@ -324,7 +324,7 @@ def _load_single_file(path: Path, config_dir: Path, dtype: torch.dtype) -> Any:
     from diffusers import StableDiffusionUpscalePipeline
     from safetensors import SafetensorError
 
-    from pipelines.tokenizer import build_clip_tokenizer
+    from pipelines.prompts.tokenizer import build_clip_tokenizer
 
     _check_single_file(path)
     if not (config_dir / "model_index.json").is_file():
@@ -390,7 +390,7 @@ def _model_key(path: Path) -> tuple[str, ...]:
 
 def prepare_pipeline(pipe: Any, options: MemoryOptions | None) -> list[str]:
     """Apply the engine's memory options (see the module docstring for what is overridden)."""
-    from pipelines.memory import MemoryOptions, apply_memory_options, resolve_device
+    from pipelines.generation.memory import MemoryOptions, apply_memory_options, resolve_device
 
     options = (options or MemoryOptions()).model_copy(update={"no_half_vae": True, "compile": False})
     return apply_memory_options(pipe, options, resolve_device(options))
@@ -434,7 +434,7 @@ class SdUpscalerCache:
     def _drop(self) -> None:
         if self._pipe is None:
             return
-        from pipelines.memory import free_accelerator_memory
+        from pipelines.generation.memory import free_accelerator_memory
 
         self._key, self._pipe = None, None
         free_accelerator_memory()
@@ -537,7 +537,7 @@ def upscale_x4(
 
 
 class SdX4Upscaler:
-    """What ``pipelines.upscalers.upscale`` calls for an ``SD x4 (...)`` upscaler.
+    """What ``pipelines.postprocess.upscalers.upscale`` calls for an ``SD x4 (...)`` upscaler.
 
     Bundles the engine's pipeline cache, memory options and this job's settings. ``used`` tells
     the caller afterwards whether an SD x4 model actually ran (to record its settings).
@@ -568,7 +568,7 @@ class SdX4Upscaler:
 
     def _run_with_retry(self, pipe: Any, rgb: Image.Image) -> Image.Image:
         """Halve the tile size on out-of-memory until it works or the tile gets too small."""
-        from pipelines.memory import free_accelerator_memory, is_out_of_memory
+        from pipelines.generation.memory import free_accelerator_memory, is_out_of_memory
 
         settings = self.settings
         while True:

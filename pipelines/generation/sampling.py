@@ -17,7 +17,7 @@ from pipelines.job_control import JobControl, ProgressCallback, ProgressEvent
 if TYPE_CHECKING:
     from PIL import Image
 
-    from pipelines.checkpoint_loader import LoadedCheckpoint
+    from pipelines.models.checkpoint_loader import LoadedCheckpoint
 
 Task = Literal["txt2img", "img2img", "inpaint"]
 
@@ -119,7 +119,7 @@ def decode_latents(pipe: Any, latents: Any, notes: list[str]) -> list[Image.Imag
     """VAE-decode, re-decoding in float32 if half precision produced NaNs (A1111's black images)."""
     import torch
 
-    from pipelines.memory import decode_has_nan
+    from pipelines.generation.memory import decode_has_nan
 
     vae = pipe.vae
     config = vae.config

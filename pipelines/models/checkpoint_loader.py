@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import CheckpointLoadError
-from pipelines.families import ModelFamily, detect_family, prediction_from_original_config
-from pipelines.registry import PICKLE_SUFFIXES, ModelEntry
+from pipelines.models.families import ModelFamily, detect_family, prediction_from_original_config
+from pipelines.models.registry import PICKLE_SUFFIXES, ModelEntry
 
 if TYPE_CHECKING:
     import torch
@@ -93,7 +93,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from pipelines.safetensors_header import read_safetensors_header
+    from pipelines.models.safetensors_header import read_safetensors_header
 
     read_safetensors_header(path)  # fails fast, with a clear message, on truncation
     try:
@@ -123,7 +123,7 @@ def _normalise_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
 # configs
 # --------------------------------------------------------------------------------------------
 def _shipped(family: ModelFamily, component: str) -> dict[str, Any]:
-    from pipelines.family_configs import load_component_config
+    from pipelines.models.family_configs import load_component_config
 
     return dict(load_component_config(family.config_name, component))
 
@@ -381,13 +381,13 @@ def load_single_file(
     import torch
     from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
-    from pipelines.tokenizer import build_clip_tokenizer
+    from pipelines.prompts.tokenizer import build_clip_tokenizer
 
     dtype = dtype or torch.float32
     name = path.name
     metadata: dict[str, str] = {}
     if path.suffix.lower() == ".safetensors":
-        from pipelines.safetensors_header import read_safetensors_header
+        from pipelines.models.safetensors_header import read_safetensors_header
 
         metadata = read_safetensors_header(path).metadata
     state_dict = _normalise_keys(read_state_dict(path))
@@ -439,7 +439,7 @@ def load_diffusers_folder(path: Path, *, family: ModelFamily, dtype: torch.dtype
     """``from_pretrained`` with no network; tokenizers are rebuilt offline when the folder lacks them."""
     import torch
 
-    from pipelines.tokenizer import build_clip_tokenizer
+    from pipelines.prompts.tokenizer import build_clip_tokenizer
 
     cls = _pipeline_class(family)
     overrides: dict[str, Any] = {}

@@ -17,7 +17,7 @@ corners come from the FFHQ template placed on those eyes. When the eyes are not 
 estimated from the face box. Haar only finds fairly frontal, upright faces; the result says which
 detector ran and how each face was located.
 
-Models are loaded with spandrel through :class:`pipelines.upscalers.UpscalerCache`. spandrel 0.4.2
+Models are loaded with spandrel through :class:`pipelines.postprocess.upscalers.UpscalerCache`. spandrel 0.4.2
 identifies GFPGAN (v1.2/1.3/1.4 "clean" architecture) and RestoreFormer; CodeFormer lives in the
 separately licensed ``spandrel_extra_arches`` and RestoreFormer++ is not supported, so both are
 refused with an explanation.
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipelines.errors import ModelNotFoundError, StudioError
-from pipelines.upscalers import UPSCALER_SUFFIXES, ImageModelLoadError, UpscalerCache
+from pipelines.postprocess.upscalers import UPSCALER_SUFFIXES, ImageModelLoadError, UpscalerCache
 
 if TYPE_CHECKING:
     import numpy as np

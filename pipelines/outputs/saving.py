@@ -24,9 +24,10 @@ import io
 import os
 import re
 import secrets
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -217,11 +218,22 @@ def save_image_atomically(
 ) -> Path:
     """Save ``image`` as ``directory/NNNNN-<seed>.<extension>`` and return the path.
 
-    The folder is created if needed. The image is encoded in memory first, so an encoder error
-    touches nothing on disk; any later failure removes the temp file and the counter reservation.
+    The image is encoded in memory first, so an encoder error touches nothing on disk.
     """
     extension = extension.lower().lstrip(".")
-    data = encode_image(image, extension, infotext)
+    return save_encoded_atomically(
+        encode_image(image, extension, infotext), directory, seed=seed, extension=extension
+    )
+
+
+def save_encoded_atomically(data: bytes, directory: Path, *, seed: int, extension: str = "png") -> Path:
+    """Write already encoded image bytes as ``directory/NNNNN-<seed>.<extension>``; return the path.
+
+    The folder is created if needed; any failure removes the temp file and the counter reservation.
+    The head writes a worker's image artifacts through here, so they get exactly the names an
+    in-process job would.
+    """
+    extension = extension.lower().lstrip(".")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     counter, marker = _reserve_counter(directory)
@@ -231,6 +243,28 @@ def save_image_atomically(
     finally:
         marker.unlink(missing_ok=True)
     return path
+
+
+class ImageSink(Protocol):
+    """Where the engine puts a finished image; returns a reference to it (a path, or an artifact
+    ref when the image travels to the head first)."""
+
+    def save_image(
+        self, image: Image.Image, *, folder: str, seed: int, infotext: str, kind: str = "images"
+    ) -> str: ...
+
+
+@dataclass(frozen=True)
+class DiskImageSink:
+    """Saves into ``outputs_root/<folder>-<kind>/YYYY-MM-DD/`` (in-process jobs and the CLI)."""
+
+    outputs_root: Path
+
+    def save_image(
+        self, image: Image.Image, *, folder: str, seed: int, infotext: str, kind: str = "images"
+    ) -> str:
+        directory = dated_output_dir(self.outputs_root, folder, kind=kind)
+        return str(save_image_atomically(image, directory, seed=seed, infotext=infotext))
 
 
 def read_png_parameters(path_or_image: Path | str | Image.Image) -> str | None:

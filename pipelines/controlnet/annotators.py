@@ -85,7 +85,7 @@ class AnnotatorCache:
 
     def network(self, kind: str, path: Path, build: Callable[[Path], Any]) -> Any:
         """The network ``build(path)`` makes, loaded on first use (on the CPU, fp32, eval mode)."""
-        from pipelines.controlnet import AnnotatorLoadError
+        from pipelines.controlnet.units import AnnotatorLoadError
 
         try:
             stat = path.stat()
@@ -140,11 +140,11 @@ def read_annotator_weights(path: Path) -> Any:
 
     import torch
 
-    from pipelines.controlnet import AnnotatorLoadError
+    from pipelines.controlnet.units import AnnotatorLoadError
     from pipelines.errors import CheckpointLoadError
 
     if path.suffix.lower() == ".safetensors":
-        from pipelines.checkpoint_loader import read_state_dict
+        from pipelines.models.checkpoint_loader import read_state_dict
 
         try:
             return read_state_dict(path)
@@ -171,7 +171,7 @@ def _state_dict(data: Any, path: Path, wrappers: Sequence[str] = ()) -> dict[str
     puts on every key."""
     import torch
 
-    from pipelines.controlnet import AnnotatorLoadError
+    from pipelines.controlnet.units import AnnotatorLoadError
 
     if isinstance(data, Mapping):
         for wrapper in wrappers:
@@ -218,7 +218,7 @@ def _load_strict(
     import torch
     from accelerate import init_empty_weights
 
-    from pipelines.controlnet import AnnotatorLoadError
+    from pipelines.controlnet.units import AnnotatorLoadError
 
     empty: Any = init_empty_weights(include_buffers=False) if init == "empty" else torch.device("meta")
     with warnings.catch_warnings(), empty:
@@ -265,7 +265,7 @@ def _import_controlnet_aux() -> None:
 
     if "controlnet_aux" in sys.modules:
         return
-    from pipelines.controlnet import ControlNetError
+    from pipelines.controlnet.units import ControlNetError
 
     try:
         with warnings.catch_warnings():
@@ -467,7 +467,7 @@ def _padded(image: np.ndarray, resolution: int, detect: Callable[[np.ndarray, in
     a no-op), padding removed from the result."""
     import numpy as np
 
-    from pipelines.controlnet import _hwc3, _resize_with_pad64
+    from pipelines.controlnet.units import _hwc3, _resize_with_pad64
 
     padded, remove_pad = _resize_with_pad64(image, resolution)
     result = _hwc3(np.asarray(detect(padded, min(padded.shape[:2]))))
@@ -484,7 +484,7 @@ def _scribble(edges: np.ndarray) -> np.ndarray:
     import cv2
     from controlnet_aux.util import nms
 
-    from pipelines.controlnet import _hwc3
+    from pipelines.controlnet.units import _hwc3
 
     result = nms(edges[:, :, 0], 127, 3.0)
     result = cv2.GaussianBlur(result, (0, 0), 3.0)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from pipelines.image_ops import (
+from contract.images import Img2ImgRequest
+from pipelines.generation.image_ops import (
     composite_onto,
     crop_region,
     expand_to_aspect,
@@ -19,7 +20,6 @@ from pipelines.image_ops import (
     resize_image,
     to_rgb,
 )
-from pipelines.requests import Img2ImgRequest
 
 LATENT_UPSCALE_RESIZE_MODE = 3
 _FILL_NAMES = ("fill", "original", "latent noise", "latent nothing")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipelines.controlnet import ControlNetUnit
+from contract.controlnet import ControlNetUnit
 
 MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1
@@ -103,7 +103,7 @@ class GenerationRequest(BaseModel):
         """Accept A1111's pre-1.9 names such as ``"DPM++ 2M Karras"`` (sampler + schedule type)."""
         if not isinstance(data, dict):
             return data
-        from pipelines.samplers import UnknownSamplerError, split_legacy_sampler_name
+        from contract.samplers import UnknownSamplerError, split_legacy_sampler_name
 
         data = dict(data)
         for key in ("sampler_name", "sampler_index"):
@@ -126,13 +126,13 @@ class GenerationRequest(BaseModel):
     def _known_sampler(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        from pipelines.samplers import resolve_sampler_name
+        from contract.samplers import resolve_sampler_name
 
         return resolve_sampler_name(value)
 
     @model_validator(mode="after")
     def _known_schedule_type(self) -> GenerationRequest:
-        from pipelines.samplers import resolve_schedule_type, schedule_types_for
+        from contract.samplers import resolve_schedule_type, schedule_types_for
 
         allowed = schedule_types_for(self.effective_sampler)
         try:

@@ -16,7 +16,7 @@ Textual inversion
     *is* the embedding. :func:`load_embeddings_for_prompt` registers the embeddings the prompts
     mention as extra tokenizer tokens (one per vector: ``name``, ``name_1``, ...) and writes their
     vectors into the text encoder(s); diffusers' ``maybe_convert_prompt`` (called by
-    :mod:`pipelines.prompt_encoding` per prompt fragment) then expands ``name`` into all its vectors.
+    :mod:`pipelines.prompts.encoding` per prompt fragment) then expands ``name`` into all its vectors.
     :func:`unload_embeddings` undoes it after the job.
 
 The engine's order per job: ``apply_loras`` and ``load_embeddings_for_prompt`` before encoding the
@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import CheckpointLoadError, ModelNotFoundError, StudioError
-from pipelines.prompt_parser import ExtraNetworkRef, strip_extra_networks
+from pipelines.prompts.parser import ExtraNetworkRef, strip_extra_networks
 
 if TYPE_CHECKING:
     import torch
 
-    from pipelines.families import ModelFamily
+    from pipelines.models.families import ModelFamily
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def _iter_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
 def read_safetensors_metadata(path: Path) -> dict[str, Any]:
     """The ``__metadata__`` of a ``.safetensors`` file; values that hold JSON objects/lists (kohya's
     ``ss_tag_frequency``...) are decoded, as A1111 does. Unreadable files give ``{}``."""
-    from pipelines.safetensors_header import read_safetensors_header
+    from pipelines.models.safetensors_header import read_safetensors_header
 
     try:
         raw = read_safetensors_header(path).metadata
@@ -433,7 +433,7 @@ def _adapter_name(index: int, path: Path) -> str:
 
 
 def _read_lora(path: Path) -> dict[str, torch.Tensor]:
-    from pipelines.checkpoint_loader import read_state_dict
+    from pipelines.models.checkpoint_loader import read_state_dict
 
     try:
         return read_state_dict(path)
@@ -455,7 +455,7 @@ def apply_loras(
 ) -> AppliedNetworks:
     """Load the LoRAs named by ``<lora:...>``/``<lyco:...>`` tags onto ``pipe`` with their weights.
 
-    ``refs`` is what :func:`pipelines.prompt_parser.strip_extra_networks` returned; other tag
+    ``refs`` is what :func:`pipelines.prompts.parser.strip_extra_networks` returned; other tag
     kinds are skipped with a note. Each tag becomes its own PEFT adapter; all of them are active
     together. ``family`` only improves error messages. ``hash_cache`` (any dict the caller keeps)
     saves re-hashing unchanged files on later jobs. On any error, LoRAs already loaded by this

@@ -18,9 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.errors import GenerationInterruptedError, OutOfMemoryError
-from pipelines.job_control import JobControl, ProgressCallback, ProgressEvent
-from pipelines.requests import (
+from contract.images import (
     RANDOM_SEED,
     ExtrasRequest,
     GenerationRequest,
@@ -28,16 +26,25 @@ from pipelines.requests import (
     Txt2ImgRequest,
     random_seed,
 )
-from pipelines.sampling import decode_latents, denoise, latent_shape, seamless_tiling, task_pipeline
+from pipelines.errors import GenerationInterruptedError, OutOfMemoryError
+from pipelines.generation.sampling import (
+    decode_latents,
+    denoise,
+    latent_shape,
+    seamless_tiling,
+    task_pipeline,
+)
+from pipelines.job_control import JobControl, ProgressCallback, ProgressEvent
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from pipelines.checkpoint_loader import LoadedCheckpoint
-    from pipelines.face_restore import FaceDetector
-    from pipelines.memory import MemoryOptions
-    from pipelines.model_manager import ModelManager
-    from pipelines.sd_upscaler import SdUpscalerCache, SdUpscaleSettings, SdX4Upscaler
+    from pipelines.generation.memory import MemoryOptions
+    from pipelines.models.checkpoint_loader import LoadedCheckpoint
+    from pipelines.models.model_manager import ModelManager
+    from pipelines.outputs.saving import ImageSink
+    from pipelines.postprocess.face_restore import FaceDetector
+    from pipelines.postprocess.sd_upscaler import SdUpscalerCache, SdUpscaleSettings, SdX4Upscaler
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +61,16 @@ LATENT_UPSCALE_MODES = {
 
 @dataclass(frozen=True)
 class SavedImage:
-    path: Path
+    ref: str
+    """Where the image went: a file path, or an artifact ref when it travels to the head first."""
     seed: int
     subseed: int
     infotext: str
     image: Image.Image = field(repr=False, compare=False)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.ref)
 
 
 @dataclass
@@ -77,7 +89,7 @@ class GenerationResult:
             "all_seeds": [img.seed for img in self.images],
             "all_subseeds": [img.subseed for img in self.images],
             "infotexts": [img.infotext for img in self.images],
-            "images": [str(img.path) for img in self.images],
+            "images": [img.ref for img in self.images],
             "interrupted": self.interrupted,
             "notes": self.notes,
             "version": ENGINE_VERSION,
@@ -117,6 +129,9 @@ class EngineConfig:
     lora_dir: Path | None = None
     embeddings_dir: Path | None = None
     vae_dir: Path | None = None
+    image_sink: ImageSink | None = None
+    """Where finished images go; ``None``: saved under ``outputs_root`` (a worker passes a sink
+    that sends them to the head instead)."""
     face_detector: Callable[[], FaceDetector | None] | None = None
     """Gives the face detector for face restoration (None: OpenCV Haar); the app builds RetinaFace
     when its weights are installed. Called per job, so a newly dropped-in file is picked up."""
@@ -155,7 +170,7 @@ class ImageEngine:
     def upscaler_cache(self) -> Any:
         """Loaded upscaler / face-restore networks (created on first use)."""
         if self._upscaler_cache is None:
-            from pipelines.upscalers import UpscalerCache
+            from pipelines.postprocess.upscalers import UpscalerCache
 
             self._upscaler_cache = UpscalerCache()
         return self._upscaler_cache
@@ -164,7 +179,7 @@ class ImageEngine:
     def sd_upscaler_cache(self) -> SdUpscalerCache:
         """The loaded Stable Diffusion x4 upscaler pipeline, one at a time (created on first use)."""
         if self._sd_upscaler_cache is None:
-            from pipelines.sd_upscaler import SdUpscalerCache
+            from pipelines.postprocess.sd_upscaler import SdUpscalerCache
 
             self._sd_upscaler_cache = SdUpscalerCache()
         return self._sd_upscaler_cache
@@ -172,7 +187,7 @@ class ImageEngine:
     def _sd_x4_upscaler(self, settings: SdUpscaleSettings | None = None) -> SdX4Upscaler:
         """What ``upscale`` runs an ``SD x4 (...)`` upscaler with: the engine's cache and memory
         options (sized like an SD2 model) plus this job's settings (defaults when None)."""
-        from pipelines.sd_upscaler import SdX4Upscaler
+        from pipelines.postprocess.sd_upscaler import SdX4Upscaler
 
         return SdX4Upscaler(
             self.sd_upscaler_cache, settings=settings, memory=self.memory_options(None, "sd2")[1]
@@ -182,14 +197,14 @@ class ImageEngine:
     def annotator_cache(self) -> Any:
         """Loaded ControlNet preprocessor networks (depth, pose, edges...), created on first use."""
         if self._annotator_cache is None:
-            from pipelines.controlnet_annotators import AnnotatorCache
+            from pipelines.controlnet.annotators import AnnotatorCache
 
             self._annotator_cache = AnnotatorCache()
         return self._annotator_cache
 
     # memory ---------------------------------------------------------------------------------
     def memory_options(self, preset: str | None = None, family: str = "sd1") -> tuple[str, MemoryOptions]:
-        from pipelines.memory import MEMORY_PRESETS, preset_for_vram
+        from pipelines.generation.memory import MEMORY_PRESETS, preset_for_vram
 
         name = preset or self.config.memory_preset
         if name == "auto":
@@ -200,7 +215,7 @@ class ImageEngine:
         return name, options
 
     def _prepare_pipe(self, pipe: Any, family: str, preset: str | None, notes: list[str]) -> None:
-        from pipelines.memory import apply_memory_options, resolve_device
+        from pipelines.generation.memory import apply_memory_options, resolve_device
 
         name, options = self.memory_options(preset, family)
         key = pipe
@@ -237,7 +252,7 @@ class ImageEngine:
     def _generate(
         self, request: Any, mode: Any, control: JobControl | None, on_progress: ProgressCallback | None
     ) -> GenerationResult:
-        from pipelines.memory import free_accelerator_memory, is_out_of_memory, lower_memory_preset
+        from pipelines.generation.memory import free_accelerator_memory, is_out_of_memory, lower_memory_preset
 
         control = control or JobControl()
         started = time.perf_counter()
@@ -299,7 +314,7 @@ class ImageEngine:
         self, request: GenerationRequest, loaded: LoadedCheckpoint
     ) -> Iterator[tuple[str, str] | None]:
         """Swap in the VAE the request names (``override_settings.sd_vae``) for this job."""
-        from pipelines.vae_loader import AUTOMATIC, VaeCache, vae_swapped
+        from pipelines.models.vae_loader import AUTOMATIC, VaeCache, vae_swapped
 
         name = request.vae
         if name is None or name in AUTOMATIC:
@@ -319,7 +334,8 @@ class ImageEngine:
         for this job's batch, and take the networks off again when the job ends."""
         import torch
 
-        from pipelines.extra_networks import (
+        from pipelines.prompts.encoding import encode_prompts
+        from pipelines.prompts.extra_networks import (
             LORA_HASHES_KEY,
             apply_loras,
             load_embeddings_for_prompt,
@@ -327,8 +343,7 @@ class ImageEngine:
             remove_loras,
             unload_embeddings,
         )
-        from pipelines.prompt_encoding import encode_prompts
-        from pipelines.prompt_parser import strip_extra_networks
+        from pipelines.prompts.parser import strip_extra_networks
 
         request = job.request
         prompt, networks = strip_extra_networks(request.prompt)
@@ -379,7 +394,7 @@ class ImageEngine:
         ]
         if not units:
             return None
-        from pipelines.controlnet import ControlNetCache, default_annotator_dirs, prepare_control_inputs
+        from pipelines.controlnet.units import ControlNetCache, default_annotator_dirs, prepare_control_inputs
 
         if self._controlnets is None:
             self._controlnets = ControlNetCache(self.models.registry.paths.folder("controlnet"))
@@ -410,7 +425,7 @@ class ImageEngine:
     def _with_control(self, job: _Job, pipe: Any, control: Any, mode: str, preset: str | None) -> Any:
         if control is None:
             return pipe
-        from pipelines.controlnet import build_controlnet_pipeline
+        from pipelines.controlnet.units import build_controlnet_pipeline
 
         runner = build_controlnet_pipeline(pipe, control.controlnet, mode=mode)
         runner.set_progress_bar_config(disable=True)
@@ -423,7 +438,7 @@ class ImageEngine:
         request = job.request
         if not request.restore_faces:
             return images
-        from pipelines.face_restore import restore_faces
+        from pipelines.postprocess.face_restore import restore_faces
 
         model = request.face_restoration_model
         detector = self.config.face_detector() if self.config.face_detector else None
@@ -442,16 +457,19 @@ class ImageEngine:
         return restored
 
     def _save(self, job: _Job, image: Image.Image, seed: int, subseed: int, folder: str) -> SavedImage:
-        from pipelines.outputs import dated_output_dir, save_image_atomically
-
         infotext = build_request_infotext(
             job.request, job.loaded, seed=seed, subseed=subseed, extra=job.extra_infotext
         )
-        out_dir = dated_output_dir(self.config.outputs_root, folder, datetime.now())
-        path = save_image_atomically(image, out_dir, seed=seed, infotext=infotext)
+        ref = self.image_sink.save_image(image, folder=folder, seed=seed, infotext=infotext)
         if job.on_progress:
-            job.on_progress(ProgressEvent(stage="saved", message=str(path)))
-        return SavedImage(path=path, seed=seed, subseed=subseed, infotext=infotext, image=image)
+            job.on_progress(ProgressEvent(stage="saved", message=ref))
+        return SavedImage(ref=ref, seed=seed, subseed=subseed, infotext=infotext, image=image)
+
+    @property
+    def image_sink(self) -> ImageSink:
+        from pipelines.outputs.saving import DiskImageSink
+
+        return self.config.image_sink or DiskImageSink(self.config.outputs_root)
 
     def _batches(self, job: _Job) -> Iterator[tuple[int, list[int], list[int]]]:
         request = job.request
@@ -465,7 +483,7 @@ class ImageEngine:
             yield batch_index, seeds, subseeds
 
     def _scheduler(self, job: _Job, pipe: Any, seeds: list[int]) -> None:
-        from pipelines.samplers import build_scheduler
+        from pipelines.generation.samplers import build_scheduler
 
         request = job.request
         pipe.scheduler = build_scheduler(
@@ -492,7 +510,7 @@ class ImageEngine:
     def _txt2img(self, job: _Job, preset: str | None, folder: str = "txt2img") -> list[SavedImage]:
         import torch
 
-        from pipelines.noise import initial_noise
+        from pipelines.generation.noise import initial_noise
 
         request: Txt2ImgRequest = job.request
         pipe = task_pipeline(job.loaded, "txt2img")
@@ -645,7 +663,7 @@ class ImageEngine:
             return image.resize((width, height), PILImage.Resampling.LANCZOS)
         if upscaler == "Nearest":
             return image.resize((width, height), PILImage.Resampling.NEAREST)
-        from pipelines.upscalers import upscale
+        from pipelines.postprocess.upscalers import upscale
 
         return upscale(
             image,
@@ -664,7 +682,7 @@ class ImageEngine:
     def _img2img(self, job: _Job, preset: str | None) -> list[SavedImage]:
         import torch
 
-        from pipelines.inpaint_plan import fill_name, plan_source
+        from pipelines.generation.inpaint_plan import fill_name, plan_source
 
         request: Img2ImgRequest = job.request
         strength = request.denoising_strength
@@ -717,8 +735,8 @@ class ImageEngine:
         preset: str | None,
         torch: Any,
     ) -> list[Image.Image] | None:
-        from pipelines.noise import initial_noise, variation_noise
-        from pipelines.sampling import encode_to_latents, latent_shape
+        from pipelines.generation.noise import initial_noise, variation_noise
+        from pipelines.generation.sampling import encode_to_latents, latent_shape
 
         request: Img2ImgRequest = job.request
         inpaint = plans[0].is_inpaint
@@ -794,9 +812,8 @@ class ImageEngine:
         on_progress: ProgressCallback | None = None,
     ) -> GenerationResult:
         """A1111's extras tab: face restoration and upscaling (one or two upscalers blended)."""
-        from pipelines.image_ops import load_image
-        from pipelines.infotext import build_infotext
-        from pipelines.outputs import dated_output_dir, save_image_atomically
+        from pipelines.generation.image_ops import load_image
+        from pipelines.outputs.infotext import build_infotext
 
         started = time.perf_counter()
         control = control or JobControl()
@@ -818,13 +835,11 @@ class ImageEngine:
             image = step(image, request, notes, params)
         params["Version"] = ENGINE_VERSION
         infotext = build_infotext("", "", {k: v for k, v in params.items() if v is not None})
-        path = save_image_atomically(
-            image, dated_output_dir(self.config.outputs_root, "extras"), seed=0, infotext=infotext
-        )
+        ref = self.image_sink.save_image(image, folder="extras", seed=0, infotext=infotext)
         if on_progress:
-            on_progress(ProgressEvent(stage="saved", message=str(path)))
+            on_progress(ProgressEvent(stage="saved", message=ref))
             on_progress(ProgressEvent(stage="done"))
-        saved = SavedImage(path=path, seed=0, subseed=0, infotext=infotext, image=image)
+        saved = SavedImage(ref=ref, seed=0, subseed=0, infotext=infotext, image=image)
         return GenerationResult(
             images=[saved], request=request, notes=notes, seconds=time.perf_counter() - started
         )
@@ -832,7 +847,7 @@ class ImageEngine:
     def _extras_faces(
         self, image: Image.Image, request: ExtrasRequest, notes: list[str], params: dict[str, object | None]
     ) -> Image.Image:
-        from pipelines.face_restore import restore_faces
+        from pipelines.postprocess.face_restore import restore_faces
 
         for model, visibility, key in (
             ("GFPGAN", request.gfpgan_visibility, "GFPGAN visibility"),
@@ -859,7 +874,7 @@ class ImageEngine:
     ) -> Image.Image:
         from PIL import Image as PILImage
 
-        from pipelines.upscalers import upscale
+        from pipelines.postprocess.upscalers import upscale
 
         if request.upscaler_1 == "None" and request.upscaler_2 == "None":
             return image
@@ -904,7 +919,7 @@ class ImageEngine:
 
 def _sd_upscale_settings(request: ExtrasRequest) -> SdUpscaleSettings:
     """The SD x4 upscaler settings of an extras request (``sd_upscale_seed=-1``: a random seed)."""
-    from pipelines.sd_upscaler import SdUpscaleSettings
+    from pipelines.postprocess.sd_upscaler import SdUpscaleSettings
 
     seed = request.sd_upscale_seed if request.sd_upscale_seed != RANDOM_SEED else random_seed()
     return SdUpscaleSettings(
@@ -937,8 +952,8 @@ def hires_size(request: Txt2ImgRequest) -> tuple[int, int]:
 
 def _sd_x4_settings(request: Txt2ImgRequest, seed: int) -> SdUpscaleSettings:
     """An SD x4 upscaler as hires fix's upscaler follows the job's prompts and seed."""
-    from pipelines.prompt_parser import strip_extra_networks
-    from pipelines.sd_upscaler import SdUpscaleSettings
+    from pipelines.postprocess.sd_upscaler import SdUpscaleSettings
+    from pipelines.prompts.parser import strip_extra_networks
 
     return SdUpscaleSettings(
         prompt=strip_extra_networks(request.prompt)[0],
@@ -976,7 +991,7 @@ def build_request_infotext(
     extra: dict[str, object] | None = None,
 ) -> str:
     """A1111's parameters text for one image of this request."""
-    from pipelines.infotext import build_infotext
+    from pipelines.outputs.infotext import build_infotext
 
     params: dict[str, object | None] = {
         "Steps": request.steps,

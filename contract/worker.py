@@ -1,0 +1,88 @@
+"""Messages between the head (the job queue) and a worker, one JSON object each.
+
+Head -> worker: :class:`RunJob`, :class:`ControlJob`, :class:`SetDefaultModel`, :class:`Shutdown`.
+Worker -> head: :class:`WorkerReady`, :class:`JobEventMessage`, :class:`ArtifactMessage`,
+:class:`JobFinished`, :class:`StateMessage`. Requests travel as their JSON dump and are validated
+again on arrival, so a worker on another machine needs only this package to understand a job.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, TypeAdapter
+
+from contract.artifacts import Artifact, JobOutcome
+from contract.events import JobProgress, WorkerState
+
+
+class RunJob(BaseModel):
+    type: Literal["run"] = "run"
+    job_id: str
+    request: dict[str, Any]
+    attempt: int = 1
+
+
+class ControlJob(BaseModel):
+    type: Literal["control"] = "control"
+    job_id: str
+    action: Literal["interrupt", "skip"]
+
+
+class SetDefaultModel(BaseModel):
+    type: Literal["set_default_model"] = "set_default_model"
+    checkpoint: str | None
+
+
+class Shutdown(BaseModel):
+    type: Literal["shutdown"] = "shutdown"
+
+
+class WorkerReady(BaseModel):
+    type: Literal["ready"] = "ready"
+    state: WorkerState
+
+
+class JobEventMessage(BaseModel):
+    type: Literal["event"] = "event"
+    job_id: str
+    progress: JobProgress
+
+
+class ArtifactMessage(BaseModel):
+    type: Literal["artifact"] = "artifact"
+    job_id: str
+    artifact: Artifact
+
+
+class JobFinished(BaseModel):
+    type: Literal["finished"] = "finished"
+    job_id: str
+    outcome: JobOutcome
+
+
+class StateMessage(BaseModel):
+    type: Literal["state"] = "state"
+    state: WorkerState
+
+
+HeadMessage = Annotated[RunJob | ControlJob | SetDefaultModel | Shutdown, Field(discriminator="type")]
+WorkerMessage = Annotated[
+    WorkerReady | JobEventMessage | ArtifactMessage | JobFinished | StateMessage, Field(discriminator="type")
+]
+HEAD_MESSAGES: TypeAdapter[Any] = TypeAdapter(HeadMessage)
+WORKER_MESSAGES: TypeAdapter[Any] = TypeAdapter(WorkerMessage)
+
+
+def encode_message(message: BaseModel) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def decode_head_message(data: bytes) -> RunJob | ControlJob | SetDefaultModel | Shutdown:
+    return HEAD_MESSAGES.validate_json(data)
+
+
+def decode_worker_message(
+    data: bytes,
+) -> WorkerReady | JobEventMessage | ArtifactMessage | JobFinished | StateMessage:
+    return WORKER_MESSAGES.validate_json(data)

@@ -1,0 +1,1 @@
+"""ControlNet: preprocessors (annotators), ControlNet model files, and applying units to a pipeline."""

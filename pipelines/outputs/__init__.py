@@ -1,0 +1,1 @@
+"""Outputs: atomic saving, A1111 infotext, grids."""

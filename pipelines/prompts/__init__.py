@@ -1,0 +1,1 @@
+"""Prompts: the A1111 emphasis parser, the offline CLIP tokenizer, text encoding, LoRA and embeddings."""
