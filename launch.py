@@ -1,77 +1,48 @@
 #!/usr/bin/env python3
 """Start SD Studio: the web UI by default, or a headless command (generate, batch, models, download).
 
-On first run outside a prepared environment it creates ``.venv`` and installs requirements.txt
-(as A1111's launcher does), saying so, then restarts itself inside it. Only the standard library
-is imported before that.
+On first run outside a prepared environment it creates ``.venv``, installs the PyTorch build that
+fits this PC's NVIDIA GPU and driver (or the CPU/MPS build without one), then the rest of
+requirements.txt, one quiet step at a time with the full log in ``data/logs/``, and restarts itself
+inside ``.venv`` (``installer/``). Only the standard library is imported before that.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.util
-import os
-import subprocess
 import sys
-import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
-REQUIRED_MODULES = ("torch", "diffusers", "transformers", "gradio", "pydantic_settings", "safetensors")
 
 
-def _venv_python() -> Path:
-    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+def ensure_environment(argv: list[str]) -> None:
+    """Create/repair ``.venv`` and install the right PyTorch for this PC, then the rest
+    (``installer/environment.py``; standard library only, so it runs before ``.venv`` exists)."""
+    from installer.environment import ensure_environment as prepare
+
+    prepare(ROOT, Path(__file__).resolve(), argv)
 
 
-def ensure_environment() -> None:
-    """Create/refresh ``.venv`` when the running Python lacks the studio's dependencies."""
-    if os.environ.get("SDSTUDIO_SKIP_VENV") == "1" or "--skip-venv" in sys.argv:
+def ensure_xformers(argv: list[str]) -> None:
+    """``--xformers`` installs the xFormers build matching the installed torch on first use, as A1111
+    does; failure is not fatal (the engine falls back to PyTorch SDPA and says so)."""
+    from installer.environment import InstallOptions
+    from installer.environment import ensure_xformers as install_xformers
+
+    install_xformers(InstallOptions.from_argv(argv))
+
+
+def print_gpu_notice(command: str | None) -> None:
+    """Say at start when an NVIDIA GPU is present but PyTorch cannot use it (with the fix)."""
+    if command in ("doctor", "download", "models"):
         return
-    missing = [name for name in REQUIRED_MODULES if importlib.util.find_spec(name) is None]
-    requirements = ROOT / "requirements.txt"
-    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
-    marker = VENV / ".sdstudio-requirements"
-    in_venv = Path(sys.prefix).resolve() == VENV.resolve()
-    if not missing and (not in_venv or (marker.is_file() and marker.read_text().strip() == digest)):
-        return
-    python = _venv_python()
-    if not python.exists():
-        print(f"SD Studio: first run: creating a Python virtual environment in {VENV} ...", flush=True)
-        venv.create(VENV, with_pip=True)
-    if not marker.is_file() or marker.read_text().strip() != digest:
-        print(
-            "SD Studio: installing requirements.txt into .venv (PyTorch, diffusers, gradio; several GB on "
-            "first run, this can take a while) ...",
-            flush=True,
-        )
-        subprocess.check_call([str(python), "-m", "pip", "install", "--upgrade", "pip"])
-        subprocess.check_call([str(python), "-m", "pip", "install", "-r", str(requirements)])
-        marker.write_text(digest)
-    if in_venv:
-        return
-    print("SD Studio: restarting inside .venv ...", flush=True)
-    os.execv(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
+    from app.gpu_check import gpu_notice
 
-
-def ensure_xformers() -> None:
-    """``--xformers`` installs xFormers on first use, as A1111 does; failure is not fatal
-    (the engine falls back to PyTorch SDPA and says so)."""
-    if "--xformers" not in sys.argv or importlib.util.find_spec("xformers") is not None:
-        return
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        keep_torch = [f"torch=={version('torch')}"]  # never let pip swap the user's torch build
-    except PackageNotFoundError:
-        keep_torch = []
-    print("SD Studio: --xformers: installing requirements-xformers.txt ...", flush=True)
-    requirements = str(ROOT / "requirements-xformers.txt")
-    result = subprocess.call([sys.executable, "-m", "pip", "install", "-r", requirements, *keep_torch])
-    if result != 0:
-        print("SD Studio: xFormers could not be installed; PyTorch SDPA attention will be used.", flush=True)
+    notice = gpu_notice()
+    if notice:
+        print(f"SD Studio: WARNING: {notice}", file=sys.stderr, flush=True)
 
 
 def studio_flags() -> argparse.ArgumentParser:
@@ -97,6 +68,18 @@ def studio_flags() -> argparse.ArgumentParser:
     )
     g.add_argument("--cli", action="store_true", default=s, help="never start the web UI (headless)")
     g.add_argument("--skip-venv", action="store_true", default=s, help="use the current Python as is")
+    i = flags.add_argument_group("install")
+    i.add_argument(
+        "--torch-index-url",
+        default=s,
+        metavar="URL",
+        help="install PyTorch from this wheel index (default: the CUDA build chosen for your NVIDIA driver; "
+        "also SDSTUDIO_TORCH_INDEX_URL)",
+    )
+    i.add_argument(
+        "--reinstall-torch", action="store_true", default=s, help="choose and install PyTorch again"
+    )
+    i.add_argument("--install-only", action="store_true", default=s, help="install .venv and exit")
     g.add_argument("--data-dir", type=Path, default=s, help="job store, caches, config.json (default data/)")
     g.add_argument("--outputs-dir", type=Path, default=s, help="output folder (default outputs/)")
     g.add_argument("--models-dir", type=Path, default=s, help="model folders root (default models/)")
@@ -129,6 +112,17 @@ def studio_flags() -> argparse.ArgumentParser:
     m.add_argument("--opt-channelslast", action="store_true", default=s, help="channels-last memory format")
     m.add_argument("--compile", action="store_true", default=s, help="torch.compile the UNet")
     m.add_argument("--no-tf32", action="store_true", default=s, help="disable TF32 matmuls")
+    w = flags.add_argument_group("workers (one process per GPU runs the jobs)")
+    w.add_argument("--device-id", default=s, help="run jobs on this one device: 0, cuda:1, cpu, mps")
+    w.add_argument(
+        "--device-ids", default=s, help="comma-separated devices, one worker each (e.g. 0,1 or cpu,cpu)"
+    )
+    w.add_argument(
+        "--in-process-workers", action="store_true", default=s, help="run jobs inside the studio process"
+    )
+    w.add_argument(
+        "--max-job-attempts", type=int, default=s, help="runs of a job that crash its worker before it fails"
+    )
     return flags
 
 
@@ -175,7 +169,20 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
         overrides["attention"] = "sdpa"
     if given.get("no_tf32"):
         overrides["tf32"] = False
+    devices = given.get("device_ids") or given.get("device_id")
+    if devices:
+        overrides["device_ids"] = [_device_name(item) for item in str(devices).split(",") if item.strip()]
+    if given.get("in_process_workers"):
+        overrides["in_process_workers"] = True
+    if given.get("max_job_attempts"):
+        overrides["max_job_attempts"] = given["max_job_attempts"]
     return overrides
+
+
+def _device_name(text: str) -> str:
+    """``0`` -> ``cuda:0`` (A1111's ``--device-id`` takes a CUDA index); names pass through."""
+    text = text.strip()
+    return f"cuda:{text}" if text.isdigit() else text
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -192,13 +199,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a in ("-h", "--help") for a in argv):
-        ensure_environment()
-        ensure_xformers()
+        ensure_environment(argv)
+        ensure_xformers(argv)
     sys.path.insert(0, str(ROOT))
     args = parse_args(argv)
     from app.settings import load_settings
 
     settings = load_settings(settings_overrides(args))
+    if args.command or not getattr(args, "cli", False):
+        print_gpu_notice(args.command)
     if args.command:
         from app.cli import COMMANDS
 

@@ -20,9 +20,9 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from app.jobs.requests import parse_job_request
 from app.settings import StudioSettings
 from contract.images import REQUEST_TYPES, format_validation_error, parse_request
+from contract.jobs import parse_job_request
 from contract.talking_head import TalkingHeadRequest
 from pipelines.errors import StudioError
 
@@ -434,6 +434,13 @@ def build_parser(
     download.add_argument("--allow-pickle", action="store_true", help="also allow .ckpt/.pt/.pth/.bin files")
     download.add_argument("--token", help="Hugging Face token (default: $HF_TOKEN)")
     download.add_argument("--variant", help="diffusers weight variant, e.g. fp16")
+
+    doctor = commands.add_parser(
+        "doctor",
+        parents=shared,
+        help="report GPU, PyTorch, models, disk and what looks wrong (for bug reports)",
+    )
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -536,6 +543,12 @@ def run_talk(args: argparse.Namespace, settings: StudioSettings) -> int:
     return 0
 
 
+def run_doctor(args: argparse.Namespace, settings: StudioSettings) -> int:
+    from app.doctor import run_doctor as report
+
+    return report(args, settings)
+
+
 COMMANDS = {
     "generate": run_generate,
     "xyz": run_xyz,
@@ -543,6 +556,7 @@ COMMANDS = {
     "batch": run_batch,
     "models": run_models,
     "download": run_download,
+    "doctor": run_doctor,
 }
 
 

@@ -38,7 +38,7 @@ def serve(settings: StudioSettings, *, block: bool = True) -> int:
     services = StudioServices.create(settings)
     services.start_queue()
     if settings.preload_model and services.registry.checkpoints():
-        services.models.load()
+        services.workers.set_default_model(services.selected_checkpoint, load=True, timeout=0)
     if not serve_api:
         return _launch_ui_only(services, ui_credentials, block=block)
 

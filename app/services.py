@@ -1,4 +1,9 @@
-"""Builds the studio's long-lived objects from settings and hands them to UI, API and CLI."""
+"""Builds the studio's long-lived objects from settings and hands them to UI, API and CLI.
+
+The head (this process) owns the registry of model files, styles, staged uploads, the durable
+queue and the worker pool. Engines live in workers: in worker processes for the studio, or in this
+process for the headless CLI and for ``--in-process-workers``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app.face_detection import RetinaFaceProvider
-from app.jobs.executor import LocalExecutor
 from app.settings import StudioSettings
 from app.styles import StyleStore
 from app.talking_head import TalkingHeadService
@@ -19,19 +23,107 @@ from pipelines.models.model_manager import ModelManager
 from pipelines.models.registry import ModelPaths, ModelRegistry
 
 if TYPE_CHECKING:
+    from app.jobs.executor import LocalExecutor
     from app.jobs.queue import JobQueue
+    from app.workers.pool import WorkerPool
+
+
+def model_paths(settings: StudioSettings) -> ModelPaths:
+    return ModelPaths(
+        models_root=settings.models_dir,
+        checkpoints=settings.ckpt_dir,
+        vae=settings.vae_dir,
+        lora=settings.lora_dir,
+        controlnet=settings.controlnet_dir,
+        upscalers=settings.esrgan_dir,
+        embeddings=settings.embeddings_dir,
+    )
+
+
+def build_registry(settings: StudioSettings) -> ModelRegistry:
+    return ModelRegistry(model_paths(settings), HashCache(settings.data_dir / "cache" / "hashes.json"))
+
+
+def build_engine(
+    settings: StudioSettings,
+    *,
+    device: str | None = None,
+    outputs_root: Path | None = None,
+    registry: ModelRegistry | None = None,
+) -> ImageEngine:
+    """An engine with its own model cache; ``device`` pins it to one device (a worker's)."""
+    registry = registry or build_registry(settings)
+    paths = registry.paths
+    models = ModelManager(
+        registry, max_loaded=settings.checkpoints_in_ram, default_checkpoint=settings.default_checkpoint
+    )
+    overrides = settings.memory_overrides()
+    if device is not None:
+        overrides["device"] = device
+    return ImageEngine(
+        models,
+        EngineConfig(
+            outputs_root=outputs_root or settings.outputs_dir,
+            memory_preset=settings.memory_preset,
+            memory_overrides=overrides,
+            models_root=settings.models_dir,
+            lora_dir=paths.folder("lora"),
+            embeddings_dir=paths.folder("embedding"),
+            vae_dir=paths.folder("vae"),
+            face_detector=RetinaFaceProvider(settings.models_dir),
+        ),
+    )
+
+
+def build_talking_head(
+    settings: StudioSettings, engine: ImageEngine, *, outputs_root: Path | None = None
+) -> TalkingHeadService:
+    return TalkingHeadService(
+        settings.models_dir,
+        outputs_root or settings.outputs_dir,
+        image_engine=engine,
+        uploads=StagedUploads(settings.data_dir / "uploads"),
+    )
 
 
 @dataclass
 class StudioServices:
     settings: StudioSettings
     registry: ModelRegistry
-    models: ModelManager
-    engine: ImageEngine
-    executor: LocalExecutor
     styles: StyleStore
     uploads: StagedUploads
+    outputs_root: Path
+    selected_checkpoint: str | None = None
+    """The model jobs that name none run on (``--ckpt``, the UI's dropdown, POST /options)."""
     _queue_started: bool = field(default=False, init=False)
+
+    # in-process engine (CLI, in-process workers, head-side previews of ControlNet preprocessors) -----
+    @cached_property
+    def engine(self) -> ImageEngine:
+        return build_engine(self.settings, outputs_root=self.outputs_root, registry=self.registry)
+
+    @property
+    def models(self) -> ModelManager:
+        return self.engine.models
+
+    @cached_property
+    def talking_head(self) -> TalkingHeadService:
+        return build_talking_head(self.settings, self.engine, outputs_root=self.outputs_root)
+
+    @cached_property
+    def executor(self) -> LocalExecutor:
+        """Runs a job in this process, synchronously (the headless CLI)."""
+        from app.jobs.executor import LocalExecutor
+
+        return LocalExecutor(self.engine, styles=self.styles, talking_head=self.talking_head)
+
+    # the studio's job path ----------------------------------------------------------------------------
+    @cached_property
+    def workers(self) -> WorkerPool:
+        """One worker per device: processes by default, threads with ``--in-process-workers``."""
+        from app.workers.pool import WorkerPool
+
+        return WorkerPool.from_settings(self)
 
     @cached_property
     def queue(self) -> JobQueue:
@@ -40,7 +132,16 @@ class StudioServices:
         from app.jobs.store import JobStore
 
         store = JobStore(self.settings.data_dir / "jobs.sqlite3")
-        return JobQueue(store, self.executor, max_queued=self.settings.max_queued_jobs)
+        return JobQueue(
+            store,
+            self.workers,
+            outputs_root=self.outputs_root,
+            styles=self.styles,
+            max_queued=self.settings.max_queued_jobs,
+            max_attempts=self.settings.max_job_attempts,
+            preview_mode=lambda: (self.settings.live_preview, self.settings.live_preview_every),
+            checkpoint_title=self.checkpoint_title,
+        )
 
     def start_queue(self) -> JobQueue:
         if not self._queue_started:
@@ -48,45 +149,26 @@ class StudioServices:
             self._queue_started = True
         return self.queue
 
+    def checkpoint_title(self, name: str) -> str | None:
+        """A1111's title (``file.safetensors [hash]``) for a name a job gives, None if unknown."""
+        from pipelines.errors import ModelNotFoundError
+
+        try:
+            return self.registry.title(self.registry.find("checkpoint", name))
+        except (ModelNotFoundError, ValueError):
+            return None
+
+    def current_checkpoint(self) -> str | None:
+        """The model the workers have loaded (the first worker that has one), as a title."""
+        return self.workers.current_checkpoint()
+
     @classmethod
     def create(cls, settings: StudioSettings, *, outputs_dir: Path | None = None) -> StudioServices:
-        paths = ModelPaths(
-            models_root=settings.models_dir,
-            checkpoints=settings.ckpt_dir,
-            vae=settings.vae_dir,
-            lora=settings.lora_dir,
-            controlnet=settings.controlnet_dir,
-            upscalers=settings.esrgan_dir,
-            embeddings=settings.embeddings_dir,
-        )
-        registry = ModelRegistry(paths, HashCache(settings.data_dir / "cache" / "hashes.json"))
-        models = ModelManager(
-            registry, max_loaded=settings.checkpoints_in_ram, default_checkpoint=settings.default_checkpoint
-        )
-        engine = ImageEngine(
-            models,
-            EngineConfig(
-                outputs_root=outputs_dir or settings.outputs_dir,
-                memory_preset=settings.memory_preset,
-                memory_overrides=settings.memory_overrides(),
-                models_root=settings.models_dir,
-                lora_dir=paths.folder("lora"),
-                embeddings_dir=paths.folder("embedding"),
-                vae_dir=paths.folder("vae"),
-                face_detector=RetinaFaceProvider(settings.models_dir),
-            ),
-        )
-        styles = StyleStore(settings.data_dir / "styles.csv")
-        uploads = StagedUploads(settings.data_dir / "uploads")  # files API clients send with a job
-        talking_head = TalkingHeadService(
-            settings.models_dir, outputs_dir or settings.outputs_dir, image_engine=engine, uploads=uploads
-        )
         return cls(
             settings=settings,
-            registry=registry,
-            models=models,
-            engine=engine,
-            executor=LocalExecutor(engine, styles=styles, talking_head=talking_head),
-            styles=styles,
-            uploads=uploads,
+            registry=build_registry(settings),
+            styles=StyleStore(settings.data_dir / "styles.csv"),
+            uploads=StagedUploads(settings.data_dir / "uploads"),  # files API clients send with a job
+            outputs_root=outputs_dir or settings.outputs_dir,
+            selected_checkpoint=settings.default_checkpoint,
         )

@@ -71,6 +71,20 @@ class StudioSettings(BaseSettings):
     max_upload_mb: float = Field(
         50.0, gt=0, le=4096, description="Largest request body (uploads, base64 images) accepted, in MB."
     )
+    device_ids: list[str] | None = Field(
+        None,
+        description="Devices to run jobs on, one worker each (cuda:0, cuda:1, cpu...); default: every "
+        "CUDA GPU, else one CPU or MPS worker.",
+    )
+    in_process_workers: bool = Field(
+        False, description="Run jobs in threads of the studio process instead of worker processes."
+    )
+    max_job_attempts: int = Field(
+        2, ge=1, le=10, description="A job whose run stopped its worker (or the studio) this often fails."
+    )
+    worker_torch_threads: int | None = Field(
+        None, ge=1, le=256, description="torch threads per worker process (default: torch's own choice)."
+    )
 
     @property
     def config_file(self) -> Path:

@@ -47,6 +47,7 @@ class WorkerState(BaseModel):
     busy_job: str | None = None
     loaded_checkpoints: list[str] = Field(default_factory=list)
     current_checkpoint: str | None = None
+    current_family: str | None = None
     jobs_done: int = 0
     restarts: int = 0
     kind: Literal["process", "in-process"] = "process"

@@ -8,10 +8,21 @@ Unknown fields are ignored, as A1111's API does, so newer clients keep working.
 from __future__ import annotations
 
 import secrets
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+    with_config,
+)
+from typing_extensions import TypedDict
 
+from contract.budget import check_pixels, checked_image_size, model_upscale_side_factor
 from contract.controlnet import ControlNetUnit
 
 MAX_SEED = 2**32 - 1
@@ -21,6 +32,29 @@ RANDOM_SEED = -1
 def random_seed() -> int:
     """A fresh seed in A1111's range, for ``seed=-1``."""
     return secrets.randbelow(MAX_SEED)
+
+
+def _not_a_bool(value: Any) -> Any:
+    """JSON ``true`` is no number of layers: pydantic would read it as 1."""
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, not true/false")
+    return value
+
+
+SettingName = Annotated[str | None, Field(max_length=1024)]
+
+
+@with_config(ConfigDict(extra="allow"))
+class OverrideSettings(TypedDict, total=False):
+    """A1111's per-job ``override_settings``: the keys SD Studio reads are checked (type and range,
+    so a wrong value is a 422 naming ``override_settings.<key>``, never a failed job); any other key
+    is passed through untouched, as A1111 ignores the options it does not know."""
+
+    sd_model_checkpoint: SettingName
+    sd_vae: SettingName
+    face_restoration_model: SettingName
+    CLIP_stop_at_last_layers: Annotated[int | None, BeforeValidator(_not_a_bool), Field(ge=1, le=12)]
+    eta_noise_seed_delta: Annotated[int | None, BeforeValidator(_not_a_bool), Field(ge=0, le=MAX_SEED)]
 
 
 class GenerationRequest(BaseModel):
@@ -57,8 +91,8 @@ class GenerationRequest(BaseModel):
     tiling: bool | None = Field(None, description="Seamless tiling: the image wraps around at its edges.")
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
-    override_settings: dict[str, Any] = Field(
-        default_factory=dict,
+    override_settings: OverrideSettings = Field(
+        default_factory=lambda: OverrideSettings(),
         description="Per-job settings, A1111 style, e.g. {'sd_model_checkpoint': 'name'}.",
     )
     override_settings_restore_afterwards: bool = True

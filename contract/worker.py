@@ -21,6 +21,8 @@ class RunJob(BaseModel):
     job_id: str
     request: dict[str, Any]
     attempt: int = 1
+    preview_mode: Literal["auto", "taesd", "cheap", "none"] = "auto"
+    preview_every: int = Field(1, ge=1)
 
 
 class ControlJob(BaseModel):
@@ -30,8 +32,13 @@ class ControlJob(BaseModel):
 
 
 class SetDefaultModel(BaseModel):
+    """Make ``checkpoint`` the model used when a job names none; ``load`` loads it now (the worker
+    answers with a :class:`StateMessage`)."""
+
     type: Literal["set_default_model"] = "set_default_model"
     checkpoint: str | None
+    load: bool = False
+    unload: bool = Field(False, description="Free the loaded checkpoints first.")
 
 
 class Shutdown(BaseModel):

@@ -109,7 +109,7 @@ class GpuReport:
                     "name": gpu.name,
                     "memory_mib": gpu.memory_mib,
                     "compute_capability": (
-                        None if gpu.compute_capability is None else "%d.%d" % gpu.compute_capability
+                        None if gpu.compute_capability is None else "{}.{}".format(*gpu.compute_capability)
                     ),
                 }
                 for gpu in self.gpus
@@ -183,7 +183,9 @@ def parse_banner(text: str) -> tuple[list[NvidiaGpu], str | None, tuple[int, int
     return gpus, (driver_match.group(1) if driver_match else None), cuda
 
 
-def find_nvidia_smi(which: Callable[[str], str | None] = shutil.which, is_windows: bool | None = None) -> str | None:
+def find_nvidia_smi(
+    which: Callable[[str], str | None] = shutil.which, is_windows: bool | None = None
+) -> str | None:
     """Path of ``nvidia-smi``: on PATH, else (Windows) where the driver installs it."""
     found = which("nvidia-smi")
     if found:
@@ -230,7 +232,9 @@ def detect_nvidia(
     raw["query"] = query.stdout
     raw["banner"] = banner.stdout
     gpus, driver = parse_query_csv(query.stdout) if query.returncode == 0 else ([], None)
-    banner_gpus, banner_driver, cuda = parse_banner(banner.stdout) if banner.returncode == 0 else ([], None, None)
+    banner_gpus, banner_driver, cuda = (
+        parse_banner(banner.stdout) if banner.returncode == 0 else ([], None, None)
+    )
     if not gpus:
         gpus = banner_gpus
     driver = driver or banner_driver

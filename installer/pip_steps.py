@@ -62,7 +62,7 @@ def new_log_path(logs_dir: Path, name: str = "install") -> Path:
     return logs_dir / f"{name}-{datetime.now():%Y%m%d-%H%M%S}.log"
 
 
-class StepFailed(RuntimeError):
+class StepFailedError(RuntimeError):
     """A pip step exited non-zero; the message has pip's last lines, the log path and a hint."""
 
     def __init__(self, message: str, *, tail: list[str], log_path: Path | None) -> None:
@@ -82,13 +82,17 @@ class StepFailed(RuntimeError):
 def failure_hint(tail: Sequence[str]) -> str:
     text = "\n".join(tail)
     if "No space left on device" in text or "Errno 28" in text:
-        return "The disk is full: free some space and run the same command again (finished downloads are kept)."
+        return (
+            "The disk is full: free some space and run the same command again (finished downloads are kept)."
+        )
     if "No matching distribution found" in text or "Could not find a version that satisfies" in text:
         return (
             "pip found no matching package on the index. For PyTorch, another CUDA build may be available: "
             "see README, 'Choosing a CUDA build of PyTorch' (--torch-index-url)."
         )
-    if re.search(r"(ConnectionError|Max retries exceeded|Temporary failure in name resolution|timed out)", text):
+    if re.search(
+        r"(ConnectionError|Max retries exceeded|Temporary failure in name resolution|timed out)", text
+    ):
         return "pip could not reach the package index: check the internet connection or proxy (HTTPS_PROXY)."
     if "PermissionError" in text or "Access is denied" in text:
         return (
@@ -174,7 +178,7 @@ class StepRunner:
         return bool(isatty and isatty())
 
     def run(self, label: str, command: Sequence[str], *, count: bool = True) -> list[str]:
-        """Run one pip step; return the packages pip installed. Raises :class:`StepFailed`."""
+        """Run one pip step; return the packages pip installed. Raises :class:`StepFailedError`."""
         if count:
             self.number += 1
         head = f"[{self.number}/{self.total_steps}] {label}"
@@ -202,7 +206,10 @@ class StepRunner:
         last_draw = 0.0
         width = 0
         assert process.stdout is not None
-        with process.stdout, (self.log_path.open("a", encoding="utf-8") if self.log_path else _NullFile()) as log:
+        with (
+            process.stdout,
+            self.log_path.open("a", encoding="utf-8") if self.log_path else _NullFile() as log,
+        ):
             for line in process.stdout:
                 log.write(line)
                 if not _PROGRESS.search(line):
@@ -219,7 +226,11 @@ class StepRunner:
         if terminal:
             print("\r" + " " * width + "\r", end="", file=self.out, flush=True)
         if code != 0:
-            print(f"{self.prefix}{head}: FAILED (pip exit code {code}, after {elapsed})", file=self.out, flush=True)
+            print(
+                f"{self.prefix}{head}: FAILED (pip exit code {code}, after {elapsed})",
+                file=self.out,
+                flush=True,
+            )
             lines = list(tail)
             where = f"\nFull log: {self.log_path}" if self.log_path else ""
             message = (
@@ -228,8 +239,10 @@ class StepRunner:
                 + where
                 + f"\n{failure_hint(lines)}"
             )
-            raise StepFailed(message, tail=lines, log_path=self.log_path)
-        done = f"{len(progress.installed)} package(s) installed" if progress.installed else "already up to date"
+            raise StepFailedError(message, tail=lines, log_path=self.log_path)
+        done = (
+            f"{len(progress.installed)} package(s) installed" if progress.installed else "already up to date"
+        )
         print(f"{self.prefix}{head}: done, {done} ({elapsed})", file=self.out, flush=True)
         return progress.installed
 

@@ -175,7 +175,7 @@ def choose_torch_build(
     if system == "darwin":
         return TorchPlan(
             kind="default",
-            summary="PyTorch's standard macOS build (Apple Silicon GPUs through MPS; PyTorch has no CUDA on macOS)",
+            summary="PyTorch's standard macOS build (Apple Silicon GPUs through MPS; no CUDA on macOS)",
         )
     if not report.has_gpu:
         what = "CPU build" if system == "win32" else "standard build (runs on the CPU without an NVIDIA GPU)"
@@ -236,8 +236,9 @@ def driver_too_old_message(report: GpuReport, system: str) -> str:
     needed = build.min_driver(platform_key(system))
     have = f"driver {report.driver_version}" if report.driver_version else "this driver"
     return (
-        f"{gpus} needs NVIDIA driver {needed} or newer for PyTorch (CUDA {build.cuda_text}); {have} is too old, "
-        "so images render on the CPU. Install the current driver from https://www.nvidia.com/Download/index.aspx "
+        f"{gpus} needs NVIDIA driver {needed} or newer for PyTorch (CUDA {build.cuda_text}); {have} is too "
+        "old, so images render on the CPU. Install the current driver from "
+        "https://www.nvidia.com/Download/index.aspx "
         f"(Linux: your distribution's nvidia-driver package), restart, then run: {reinstall_command(system)}"
     )
 
@@ -271,7 +272,8 @@ def gpu_unusable_message(
     plan = choose_torch_build(report, system)
     if plan.kind != "cuda":
         return f"{gpus} found, but {torch_text} cannot use it. " + driver_too_old_message(report, system)
-    fix = f"Fix: {reinstall_command(system)} (installs PyTorch with CUDA {plan.build.cuda_text} for this driver)."
+    cuda_text = plan.build.cuda_text if plan.build else "?"
+    fix = f"Fix: {reinstall_command(system)} (installs PyTorch with CUDA {cuda_text} for this driver)."
     if not torch_cuda:
         return f"{gpus} found, but {torch_text} is a CPU-only build. {cpu_note} {fix}"
     installed = build_for_tag(cuda_tag(torch_cuda) or "")
@@ -282,7 +284,9 @@ def gpu_unusable_message(
     )
     if too_new:
         driver = f"driver {report.driver_version}" if report.driver_version else "the driver"
-        supports = f" supports CUDA up to {report.cuda_text}" if report.cuda_text else " is older than it needs"
+        supports = (
+            f" supports CUDA up to {report.cuda_text}" if report.cuda_text else " is older than it needs"
+        )
         update = f" or update the NVIDIA driver to {installed.min_driver(system)}+" if installed else ""
         return (
             f"{gpus} found, but {torch_text} is built for CUDA {torch_cuda} and {driver}{supports}. "
@@ -291,5 +295,6 @@ def gpu_unusable_message(
     return (
         f"{gpus} found and {torch_text} is a CUDA {torch_cuda} build, but CUDA is not available to it "
         "(the driver is not loaded, a restart after a driver update is pending, or CUDA_VISIBLE_DEVICES "
-        f"hides the GPU). {cpu_note} Check that `nvidia-smi` works, restart, then run: python launch.py doctor"
+        f"hides the GPU). {cpu_note} Check that `nvidia-smi` works, restart, then run: "
+        f"{reinstall_command(system).replace('--reinstall-torch', 'doctor')}"
     )

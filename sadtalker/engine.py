@@ -6,8 +6,9 @@
    (and those of the reference videos, when given);
 2. ``audio2coeff``: decoding the audio, mel windows, expression and head pose per frame;
 3. ``render``: the face renderer, ``batch_size`` frames at a time;
-4. ``enhance``: the optional face restorer, frame by frame (after the full modes' paste-back, as the
-   reference);
+4. ``enhance``: the optional background upscaler (``background_enhancer``, a model from
+   ``models/ESRGAN``, see :mod:`sadtalker.background`) then the optional face restorer, frame by
+   frame (after the full modes' paste-back, as the reference);
 5. ``encode``: H.264 encoding as frames arrive, then muxing the audio.
 
 Rendering, enhancing and encoding are interleaved (frames stream from the renderer into ffmpeg), so
@@ -279,7 +280,7 @@ class TalkingHeadEngine:
         return lambda frame: face(_checked_frame(background(frame), frame.shape, "background enhancer"))
 
     def _resolve_background_enhancer(self, request: TalkingHeadRequest) -> FrameEnhancer | None:
-        name = getattr(request, "background_enhancer", None)
+        name = request.background_enhancer
         if not name:
             return None
         if self._background_loader is not None:

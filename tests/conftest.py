@@ -55,5 +55,7 @@ def studio(tiny_models_root: Path, tmp_path_factory: pytest.TempPathFactory):
         outputs_dir=work / "outputs",
         default_checkpoint="tiny-sd1",
         checkpoints_in_ram=4,
+        in_process_workers=True,  # one in-process worker sharing studio.engine; worker processes
+        device_ids=["cpu"],  # are tested in tests/test_workers.py
     )
     return StudioServices.create(settings)

@@ -14,23 +14,26 @@ from PIL import Image
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from pipelines.controlnet.units import (
-    AnnotatorMissingError,
-    ControlNetCache,
-    ControlNetError,
-    ControlNetFamilyError,
-    ControlNetNotFoundError,
-    ControlNetUnit,
+from contract.controlnet import ControlNetUnit
+from pipelines.controlnet.apply import (
     build_controlnet_pipeline,
     load_unit_image,
-    model_catalogue,
-    pixel_perfect_resolution,
     prepare_control_inputs,
+    soft_injection_scales,
+    wrap_for_control_mode,
+)
+from pipelines.controlnet.model_files import ControlNetCache, model_catalogue
+from pipelines.controlnet.preprocessors import (
+    pixel_perfect_resolution,
     preprocessor_catalogue,
     resize_control_image,
     run_preprocessor,
-    soft_injection_scales,
-    wrap_for_control_mode,
+)
+from pipelines.errors import (
+    AnnotatorMissingError,
+    ControlNetError,
+    ControlNetFamilyError,
+    ControlNetNotFoundError,
 )
 from pipelines.models.checkpoint_export import _apply_module_map, _keep, _unet_module_map
 from pipelines.models.families import ModelFamily
@@ -189,7 +192,7 @@ def test_full_size_layouts_are_read_from_shapes(family: str, config: dict[str, A
     from accelerate import init_empty_weights
     from diffusers import ControlNetModel
 
-    from pipelines.controlnet.units import (
+    from pipelines.controlnet.model_files import (
         _convert_ldm_controlnet,
         base_from_config,
         controlnet_config_from_ldm,
@@ -225,7 +228,7 @@ def test_full_size_layouts_are_read_from_shapes(family: str, config: dict[str, A
 
 
 def test_sidecar_yaml_sets_the_attention_heads(originals: dict[str, Any]) -> None:
-    from pipelines.controlnet.units import controlnet_config_from_ldm
+    from pipelines.controlnet.model_files import controlnet_config_from_ldm
 
     state = original_layout(originals["single"])
     assert controlnet_config_from_ldm(state)["attention_head_dim"] == 8  # SD1's standard 8 heads

@@ -24,23 +24,17 @@ import pytest
 import torch
 from PIL import Image
 
+from contract.controlnet import ControlNetUnit
 from pipelines.controlnet.annotators import (
     AnnotatorCache,
     load_leres_merge,
     load_openpose_hand,
     load_zoedepth,
 )
-from pipelines.controlnet.units import (
-    AnnotatorLoadError,
-    AnnotatorMissingError,
-    ControlNetCache,
-    ControlNetError,
-    ControlNetUnit,
-    default_annotator_dirs,
-    prepare_control_inputs,
-    resolve_preprocessor,
-    run_preprocessor,
-)
+from pipelines.controlnet.apply import prepare_control_inputs
+from pipelines.controlnet.model_files import ControlNetCache
+from pipelines.controlnet.preprocessors import default_annotator_dirs, resolve_preprocessor, run_preprocessor
+from pipelines.errors import AnnotatorLoadError, AnnotatorMissingError, ControlNetError
 from pipelines.models.families import ModelFamily
 
 pytestmark = pytest.mark.filterwarnings(

@@ -10,45 +10,54 @@ import pytest
 
 from app.jobs.queue import JobQueue, QueueFullError
 from app.jobs.store import JobStore
+from app.workers.handles import InProcessWorkerHandle
+from app.workers.pool import WorkerPool
+from contract.artifacts import Artifact, JobOutcome
+from contract.events import JobProgress, WorkerState
 from contract.images import Txt2ImgRequest
-from pipelines.errors import GenerationInterruptedError
-from pipelines.generation.engine import GenerationResult, SavedImage
-from pipelines.job_control import JobControl, ProgressEvent
+from contract.worker import ArtifactMessage, JobEventMessage, RunJob
+from pipelines.job_control import JobControl
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
 
 
-class ScriptedExecutor:
-    """Stands in for the engine: records the order of jobs, can block until released."""
+class ScriptedRuntime:
+    """Stands in for a worker's engines: records the order of jobs, can block until released, and
+    reports through the same contract messages as the real runtime."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    worker_id = "scripted"
+    device = "cpu"
+
+    def __init__(self) -> None:
         self.order: list[str] = []
         self.release = threading.Event()
         self.release.set()
-        self.tmp_path = tmp_path
 
-    def execute(self, request: Any, *, control: JobControl | None = None, on_progress: Any = None) -> Any:
-        self.order.append(request.prompt)
-        control = control or JobControl()
+    def state(self) -> WorkerState:
+        return WorkerState(worker=self.worker_id, device=self.device, kind="in-process")
+
+    def run(self, message: RunJob, send: Any, control: JobControl) -> JobOutcome:
+        prompt = message.request["prompt"]
+        self.order.append(prompt)
         for step in range(1, 4):
-            if on_progress:
-                on_progress(ProgressEvent(stage="sampling", step=step, steps=3))
+            send(
+                JobEventMessage(
+                    job_id=message.job_id, progress=JobProgress(stage="sampling", step=step, steps=3)
+                )
+            )
             while not self.release.wait(0.05):
                 if control.interrupted:
-                    raise GenerationInterruptedError("Interrupted before any image was finished.")
-        path = self.tmp_path / f"{request.prompt}.png"
-        path.write_bytes(b"png")
-        if on_progress:
-            on_progress(ProgressEvent(stage="saved", message=str(path)))
-        from PIL import Image
-
-        image = SavedImage(path=path, seed=1, subseed=1, infotext="x", image=Image.new("RGB", (8, 8)))
-        return GenerationResult(images=[image], request=request)
+                    return JobOutcome(state="cancelled", error="Interrupted before any image was finished.")
+        artifact = Artifact(kind="image", folder="txt2img", extension="png", data=prompt.encode(), seed=1)
+        send(ArtifactMessage(job_id=message.job_id, artifact=artifact))
+        return JobOutcome(state="done", info={"images": [artifact.ref]}, artifacts=[artifact.ref])
 
 
-def make_queue(tmp_path: Path, **kwargs: Any) -> tuple[JobQueue, ScriptedExecutor]:
-    executor = ScriptedExecutor(tmp_path)
-    return JobQueue(JobStore(tmp_path / "jobs.sqlite3"), executor, **kwargs), executor
+def make_queue(tmp_path: Path, **kwargs: Any) -> tuple[JobQueue, ScriptedRuntime]:
+    runtime = ScriptedRuntime()
+    pool = WorkerPool([InProcessWorkerHandle(runtime)])  # type: ignore[arg-type]
+    queue = JobQueue(JobStore(tmp_path / "jobs.sqlite3"), pool, outputs_root=tmp_path / "outputs", **kwargs)
+    return queue, runtime
 
 
 def test_jobs_run_and_report_results(tmp_path: Path) -> None:
@@ -58,7 +67,10 @@ def test_jobs_run_and_report_results(tmp_path: Path) -> None:
         job = queue.submit(Txt2ImgRequest(prompt="alpha", **SMALL))
         status = queue.wait(job, timeout=30)
         assert status.state == "done"
-        assert status.images == [str(tmp_path / "alpha.png")]
+        [path] = status.images
+        assert Path(path).read_bytes() == b"alpha"  # the head wrote the worker's artifact
+        assert Path(path).parent.parent == tmp_path / "outputs" / "txt2img-images"
+        assert status.info == {"images": [path]}
         assert status.progress == 1.0
     finally:
         queue.stop()
@@ -122,6 +134,7 @@ def test_restart_requeues_running_jobs_and_removes_partial_outputs(tmp_path: Pat
     queue.start()
     try:
         assert queue.wait(crashed, timeout=30).state == "done"
+        assert queue.status(crashed).attempts == 2
         assert not partial.exists()
         assert executor.order == ["crashed"]  # the finished job is not run again
         assert queue.status(done).images == ["kept.png"]
@@ -140,3 +153,27 @@ def test_real_engine_through_the_queue(studio) -> None:
     failed = queue.wait(bad, timeout=60)
     assert failed.state == "failed"
     assert "'nope' not found" in failed.error
+
+
+def test_a_job_that_keeps_stopping_the_studio_fails_after_the_bound(tmp_path: Path) -> None:
+    """The OOM-killed job: recorded as running twice, it is failed at the next start, not rerun."""
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    job = store.add("local", "txt2img", Txt2ImgRequest(prompt="huge", **SMALL).model_dump(mode="json"))
+    for _ in range(2):  # two starts, each killed mid-job
+        store.claim_next()
+        store.close()
+        store = JobStore(tmp_path / "jobs.sqlite3")
+        if store.get(job).attempts < 2:
+            store.recover(max_attempts=2)
+    store.close()
+    queue, runtime = make_queue(tmp_path, max_attempts=2)
+    queue.start()
+    try:
+        status = queue.status(job)
+        assert status.state == "failed"
+        assert "stopped its worker 2 times" in status.error and "out of memory" in status.error
+        assert runtime.order == []
+        later = queue.submit(Txt2ImgRequest(prompt="fine", **SMALL))  # the studio serves on
+        assert queue.wait(later, timeout=30).state == "done"
+    finally:
+        queue.stop()

@@ -17,22 +17,23 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipelines.errors import ModelNotFoundError, StudioError
-from pipelines.postprocess.upscalers import (
-    UPSCALER_BUILTINS,
+from pipelines.errors import (
     ImageModelLoadError,
-    UpscalerCache,
+    ModelNotFoundError,
+    StudioError,
     UpscalerFileMissingError,
     UpscalerNotFoundError,
-    _axis_weights,
+)
+from pipelines.postprocess.tiling import axis_weights, pil_to_tensor, tile_starts
+from pipelines.postprocess.upscalers import (
+    UPSCALER_BUILTINS,
+    UpscalerCache,
     find_upscaler,
     list_upscalers,
     load_image_model,
-    pil_to_tensor,
     run_image_model_tiled,
     scale_from_name,
     scale_from_safetensors_header,
-    tile_starts,
     upscale,
     upscaler_catalogue,
 )
@@ -241,7 +242,7 @@ def test_tiles_cover_and_weights_sum_to_one(size: int, tile: int, overlap: int, 
     for previous, current in itertools.pairwise(starts):
         assert previous + tile - current >= overlap - 1  # rounding may cost a pixel
     total = np.zeros(size * scale)
-    for start, weight in zip(starts, _axis_weights(size, tile, starts, scale, overlap), strict=True):
+    for start, weight in zip(starts, axis_weights(size, tile, starts, scale, overlap), strict=True):
         total[start * scale : start * scale + weight.shape[0]] += weight.numpy()
     assert np.allclose(total, 1.0, atol=1e-5)
 

@@ -7,6 +7,7 @@ visible under ``/studio/v1/jobs`` by the id given in the ``X-Job-Id`` header and
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -19,7 +20,6 @@ from starlette.concurrency import run_in_threadpool
 from app.api.context import ApiContext, read_image_base64
 from app.api.controlnet_routes import CONTROLNET_SCRIPT, unavailable_alwayson_scripts
 from app.api.images import as_data_url, decode_base64_image, sanitise_request_images
-from app.api.previews import latent_preview_png
 from app.api.schemas import (
     API_ONLY_FIELDS,
     EmbeddingsResponse,
@@ -252,9 +252,8 @@ def a1111_router(context: ApiContext) -> APIRouter:
                 "textinfo": None,
             }
         current_image = None
-        if not skip_current_image and job.latents is not None:
-            loaded = services.models.current
-            current_image = latent_preview_png(job.latents, sdxl=bool(loaded and loaded.family.is_sdxl))
+        if not skip_current_image and job.preview is not None:
+            current_image = base64.b64encode(job.preview).decode("ascii")
         return {
             "progress": job.progress,
             "eta_relative": job.eta_seconds or 0.0,
@@ -407,13 +406,13 @@ def a1111_router(context: ApiContext) -> APIRouter:
     @router.post("/unload-checkpoint", dependencies=[caller_dependency])
     def unload_checkpoint() -> Any:
         """Free the loaded checkpoints (a running job keeps its own until it finishes)."""
-        services.models.unload_all()
+        services.workers.set_default_model(services.selected_checkpoint, load=False, unload=True)
         return {}
 
     @router.post("/reload-checkpoint", dependencies=[caller_dependency])
     def reload_checkpoint() -> Any:
         with context.device_exclusive():
-            services.models.load()
+            services.workers.set_default_model(services.selected_checkpoint, load=True)
         return {}
 
     return router
@@ -430,15 +429,16 @@ def current_options(context: ApiContext) -> dict[str, Any]:
     registry = services.registry
     title: str | None = None
     sha256: str | None = None
-    loaded = services.models.current
-    if loaded is not None:
-        title, sha256 = loaded.entry.title(loaded.short_hash), loaded.sha256
-    else:
-        try:
-            entry = services.models.resolve(None)
-            title, sha256 = registry.title(entry), registry.hashes.cached(entry.path)
-        except StudioError:
-            title = None
+    try:  # what the workers have loaded, else what the next job will load
+        loaded = services.current_checkpoint()
+        entry = (
+            registry.find("checkpoint", loaded)
+            if loaded
+            else registry.default_checkpoint(services.selected_checkpoint)
+        )
+        title, sha256 = registry.title(entry), registry.hashes.cached(entry.path)
+    except StudioError:
+        title = None
     outputs = context.outputs_dir
     return {
         "sd_model_checkpoint": title,
@@ -472,13 +472,10 @@ def switch_checkpoint(context: ApiContext, name: str) -> None:
         entry = context.find_checkpoint(name)
     except ModelNotFoundError as exc:
         raise HTTPException(status_code=400, detail=f"model {name!r} not found. {exc}") from None
-    models = context.services.models
+    services = context.services
     with context.device_exclusive():
-        try:
-            models.load(entry.filename)
-        except StudioError as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from None
-    models.default_checkpoint = entry.filename
+        services.selected_checkpoint = entry.filename
+        services.workers.set_default_model(entry.filename, load=True)
 
 
 # --- catalogues (other modules may not be there yet in a given build) ---------------------------
@@ -514,10 +511,8 @@ def embedding_list(context: ApiContext) -> dict[str, Any]:
         from pipelines.prompts.extra_networks import list_embeddings
     except ImportError:
         return {"loaded": {}, "skipped": {}}
-    loaded = context.services.models.current
-    width = None
-    if loaded is not None:
-        width = {"sd1": 768, "sd2": 1024, "sdxl": 2048}.get(loaded.family.base)
+    family = next((s.current_family for s in context.services.workers.states() if s.current_family), None)
+    width = {"sd1": 768, "sd2": 1024, "sdxl": 2048}.get(family or "")
     return list_embeddings(context.services.registry.paths.folder("embedding"), expected_width=width)
 
 

@@ -95,7 +95,7 @@ class ApiContext:
         """Name the selected model (--ckpt or POST /options) in a job that names none: a job that
         named another model leaves that one loaded, and a restart forgets it; neither may change
         what this job runs on."""
-        selected = self.services.models.default_checkpoint
+        selected = self.services.selected_checkpoint
         if selected and not override_settings.get("sd_model_checkpoint"):
             override_settings["sd_model_checkpoint"] = selected
 
@@ -111,11 +111,9 @@ class ApiContext:
     # models ---------------------------------------------------------------------------------
     @contextlib.contextmanager
     def device_exclusive(self) -> Iterator[None]:
-        """Hold the device while loading a model, so a switch never races a running job.
-
-        Uses the executor's public ``exclusive()`` when it has one, else its device lock.
-        """
-        with self._model_switch_lock, self.services.executor.exclusive():
+        """One model switch or head-side preprocessor run at a time (jobs themselves run on the
+        workers, which take a model switch between jobs)."""
+        with self._model_switch_lock:
             yield
 
 

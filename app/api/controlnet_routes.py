@@ -84,14 +84,14 @@ def controlnet_router(context: ApiContext) -> APIRouter:
     @router.get("/model_list", response_model=ModelListResponse)
     def model_list(update: bool = Query(True)) -> dict[str, Any]:
         """ControlNet models in models/ControlNet, as ``name [hash]``."""
-        from pipelines.controlnet.units import model_catalogue
+        from pipelines.controlnet.model_files import model_catalogue
 
         return model_catalogue(context.services.registry.paths.folder("controlnet"))
 
     @router.get("/module_list", response_model=ModuleListResponse)
     def module_list(alias_names: bool = Query(False)) -> dict[str, Any]:
         """Preprocessors by API name (or UI label with ``alias_names``) and their sliders."""
-        from pipelines.controlnet.units import preprocessor_catalogue
+        from pipelines.controlnet.preprocessors import preprocessor_catalogue
 
         return preprocessor_catalogue(alias_names=alias_names)
 
@@ -100,7 +100,7 @@ def controlnet_router(context: ApiContext) -> APIRouter:
         """Run one preprocessor on each image (annotator networks from models/ControlNet/annotators)
         and return the maps as base64 PNGs."""
         from app.api.images import decode_base64_image
-        from pipelines.controlnet.units import resolve_preprocessor
+        from pipelines.controlnet.preprocessors import resolve_preprocessor
 
         resolve_preprocessor(body.controlnet_module)  # an unknown module is a clear error at once
         images = [
@@ -117,7 +117,7 @@ def _detect_maps(context: ApiContext, body: DetectRequest, images: list[Any]) ->
     import base64
     import io
 
-    from pipelines.controlnet.units import default_annotator_dirs, run_preprocessor
+    from pipelines.controlnet.preprocessors import default_annotator_dirs, run_preprocessor
 
     services = context.services
     encoded = []

@@ -14,6 +14,7 @@ and ``links.sidecars``, served by the same file route as images.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -25,7 +26,6 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.context import JOBS_PREFIX, ApiContext
 from app.api.images import sanitise_request_images
-from app.api.previews import latent_preview_png
 from app.api.schemas import JobAccepted, JobList, JobView, TalkingHeadApiRequest
 from app.api.security import Caller
 from app.api.talking_head_jobs import submit_talking_head_job
@@ -190,15 +190,12 @@ async def _event_stream(
             }
             event["images"] = view["links"]["images"]  # outputs saved so far
             event["videos"] = view["links"]["videos"]
-            if (
-                previews
-                and status.latents is not None
-                and loop.time() - last_preview >= PREVIEW_EVERY_SECONDS
-            ):
+            due = loop.time() - last_preview >= PREVIEW_EVERY_SECONDS
+            if previews and status.preview is not None and due:
                 last_preview = loop.time()
-                loaded = context.services.models.current
-                sdxl = bool(loaded and loaded.family.is_sdxl)
-                event["preview"] = await run_in_threadpool(latent_preview_png, status.latents, sdxl=sdxl)
+                event["preview"] = base64.b64encode(status.preview).decode("ascii")  # a small JPEG
+            if status.worker:
+                event["worker"] = status.worker
             yield _sse("progress", event)
         if await request.is_disconnected():
             return

@@ -1,8 +1,11 @@
-"""The studio's job queue: durable, fair between users, one job at a time per device.
+"""The studio's job queue: durable, fair between users, one job at a time per worker.
 
-The UI, the REST API and the CLI submit the same request objects here; a worker thread hands
-them to an executor (in-process today; a cluster executor later) and keeps the live progress,
-which only exists in memory, next to the durable record in the job store.
+The UI, the REST API and the CLI submit contract requests here. Saved styles are written into the
+prompts when a job is submitted, so the stored request is exactly what runs. A dispatcher hands the
+next job (fair order) to an idle worker, preferring one that already has the job's model loaded;
+workers report progress, artifacts (written into ``outputs/`` here, as they arrive) and the outcome.
+When a worker process dies mid-job the job is queued again, up to ``max_attempts`` runs, and the
+worker restarted; the studio itself keeps answering.
 """
 
 from __future__ import annotations
@@ -10,16 +13,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from app.jobs.executor import Executor
-from app.jobs.requests import parse_job_request
+from app.jobs.artifacts import replace_refs, write_artifact
 from app.jobs.store import FINISHED_STATES, JobRecord, JobStore
-from pipelines.errors import GenerationInterruptedError, StudioError
-from pipelines.job_control import JobControl, ProgressEvent
+from contract.events import JobProgress
+from contract.worker import ArtifactMessage, JobEventMessage, JobFinished, RunJob, StateMessage, WorkerReady
+from pipelines.errors import StudioError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from app.styles import StyleStore
+    from app.workers.handles import WorkerHandle
+    from app.workers.pool import WorkerPool
 
 log = logging.getLogger(__name__)
+
+MAX_WORKER_RESTARTS_WITHOUT_A_JOB = 3
+"""A worker that dies this many times in a row before finishing anything is left stopped."""
 
 
 class QueueFullError(StudioError):
@@ -30,11 +45,14 @@ class QueueFullError(StudioError):
 class LiveProgress:
     """What a running job is doing right now (not persisted)."""
 
-    control: JobControl = field(default_factory=JobControl)
-    event: ProgressEvent | None = None
+    worker: str
+    event: JobProgress | None = None
     started: float = field(default_factory=time.monotonic)
     sampling_started: float | None = None
     message: str = ""
+    preview: bytes | None = None
+    paths: dict[str, str] = field(default_factory=dict)  # artifact ref -> written path
+    written: dict[str, Path] = field(default_factory=dict)  # sha256 -> path (videos, for sidecars)
 
     def eta_seconds(self) -> float | None:
         fraction = self.event.fraction if self.event else 0.0
@@ -59,7 +77,9 @@ class JobStatus:
     images: list[str]
     info: dict[str, Any] | None
     error: str | None
-    latents: Any = None
+    preview: bytes | None = None  # a small JPEG of the running job's current image
+    worker: str | None = None
+    attempts: int = 0
 
     @property
     def finished(self) -> bool:
@@ -67,38 +87,63 @@ class JobStatus:
 
 
 class JobQueue:
-    """Owns the worker thread; thread-safe."""
+    """Owns the dispatcher; thread-safe."""
 
-    def __init__(self, store: JobStore, executor: Executor, *, max_queued: int = 100) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        workers: WorkerPool,
+        *,
+        outputs_root: Path,
+        styles: StyleStore | None = None,
+        max_queued: int = 100,
+        max_attempts: int = 2,
+        preview_mode: Callable[[], tuple[str, int]] | None = None,
+        checkpoint_title: Callable[[str], str | None] | None = None,
+    ) -> None:
         self.store = store
-        self.executor = executor
+        self.workers = workers
+        self.outputs_root = Path(outputs_root)
+        self.styles = styles
         self.max_queued = max_queued
+        self.max_attempts = max_attempts
+        self.preview_mode = preview_mode or (lambda: ("auto", 1))
+        self.checkpoint_title = checkpoint_title or (lambda name: name)
         self._live: dict[str, LiveProgress] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._stopping = False
-        self._worker: threading.Thread | None = None
+        self._dispatcher: threading.Thread | None = None
+        self._failed_starts: dict[str, int] = {}
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        """Requeue jobs a crash interrupted, then start the worker."""
-        requeued = self.store.recover()
+        """Requeue (or fail, past the attempt bound) jobs a crash interrupted, then start the
+        workers and the dispatcher."""
+        requeued, failed = self.store.recover(self.max_attempts)
         if requeued:
             log.warning("requeued %d job(s) interrupted by a restart", len(requeued))
-        self._worker = threading.Thread(target=self._run, name="job-worker", daemon=True)
-        self._worker.start()
+        for job_id in failed:
+            log.error("job %s failed: it was cut short %d times", job_id, self.max_attempts)
+        self.workers.start(self)
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="job-dispatcher", daemon=True)
+        self._dispatcher.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         with self._wake:
             self._stopping = True
-            for live in self._live.values():
-                live.control.interrupt()
+            for job_id, live in self._live.items():
+                self._control(job_id, live, "interrupt")
             self._wake.notify_all()
-        if self._worker is not None:
-            self._worker.join(timeout)
+        if self._dispatcher is not None:
+            self._dispatcher.join(timeout)
+        self.workers.stop(timeout)
 
     # submitting and controlling ----------------------------------------------------------------
     def submit(self, request: Any, *, owner: str = "local") -> str:
+        from app.styles import apply_request_styles
+
+        request = apply_request_styles(request, self.styles)
         payload = request.model_dump(mode="json")
         job_id = self.store.add(owner, payload.get("mode", "txt2img"), payload, max_queued=self.max_queued)
         if job_id is None:
@@ -108,27 +153,40 @@ class JobQueue:
         return job_id
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a queued job, or interrupt a running one. False if it already finished."""
-        if self.store.cancel_queued(job_id):
-            return True
+        """Cancel a queued job, or interrupt a running one. False if it already finished.
+
+        Claiming a job and registering it as running happen under the same lock as this check, so
+        a job is always either still cancellable in the store or known here as running.
+        """
         with self._lock:
+            if self.store.cancel_queued(job_id):
+                return True
             live = self._live.get(job_id)
-        if live is not None:
-            live.control.interrupt()
-            return True
+            if live is not None:
+                self._control(job_id, live, "interrupt")
+                return True
         return False
 
     def interrupt(self, job_id: str) -> None:
         with self._lock:
             live = self._live.get(job_id)
-        if live is not None:
-            live.control.interrupt()
+            if live is not None:
+                self._control(job_id, live, "interrupt")
 
     def skip(self, job_id: str) -> None:
         with self._lock:
             live = self._live.get(job_id)
-        if live is not None:
-            live.control.skip()
+            if live is not None:
+                self._control(job_id, live, "skip")
+
+    def _control(self, job_id: str, live: LiveProgress, action: str) -> None:
+        handle = self.workers.get(live.worker)
+        if handle is None:
+            return
+        try:
+            handle.control(job_id, action)
+        except (ConnectionError, OSError):
+            log.warning("worker %s is gone; %s of job %s not delivered", live.worker, action, job_id)
 
     def running_ids(self) -> list[str]:
         with self._lock:
@@ -150,6 +208,7 @@ class JobQueue:
             position = order.index(record.id) + 1 if record.id in order else None
         event = live.event if live else None
         result = record.result or {}
+        message = live.message if live else (record.error or "")
         return JobStatus(
             id=record.id,
             owner=record.owner,
@@ -160,11 +219,13 @@ class JobQueue:
             step=event.step if event else 0,
             steps=event.steps if event else 0,
             eta_seconds=live.eta_seconds() if live else None,
-            message=live.message if live else (record.error or ""),
+            message=message,
             images=list(result.get("images", record.outputs)),
             info=result.get("info"),
-            error=record.error,
-            latents=event.latents if event else None,
+            error=record.error if record.state in FINISHED_STATES else None,
+            preview=live.preview if live else None,
+            worker=live.worker if live else None,
+            attempts=record.attempts,
         )
 
     def list(self, *, owner: str | None = None, limit: int = 50) -> list[JobStatus]:
@@ -184,52 +245,136 @@ class JobQueue:
             with self._wake:
                 self._wake.wait(poll)
 
-    # the worker --------------------------------------------------------------------------------
-    def _run(self) -> None:
+    # dispatching -------------------------------------------------------------------------------
+    def _dispatch_loop(self) -> None:
         while True:
             with self._wake:
                 if self._stopping:
                     return
-            record = self.store.claim_next()
-            if record is None:
-                with self._wake:
-                    if not self._stopping:
-                        self._wake.wait(0.5)
-                continue
-            self._execute(record)
+                dispatched = self._dispatch_one()
+                if not dispatched:
+                    self._wake.wait(0.5)
 
-    def _execute(self, record: JobRecord) -> None:
-        live = LiveProgress()
-        with self._lock:
-            self._live[record.id] = live
+    def _dispatch_one(self) -> bool:
+        """Give the next job (fair order) to the best idle worker. Called with the lock held."""
+        idle = self.workers.idle()
+        if not idle:
+            return False
+        record = self.store.claim_next()
+        if record is None:
+            return False
+        handle = self._best_worker(record, idle)
+        live = LiveProgress(worker=handle.worker_id, message="Starting…")
+        self._live[record.id] = live
+        mode, every = self.preview_mode()
+        message = RunJob(
+            job_id=record.id,
+            request=record.request,
+            attempt=record.attempts,
+            preview_mode=mode,  # type: ignore[arg-type]
+            preview_every=every,
+        )
+        try:
+            handle.run(message)
+        except (ConnectionError, OSError) as exc:
+            handle.current_job = None
+            self._live.pop(record.id, None)
+            self.store.requeue_after_crash(record.id, f"worker {handle.worker_id} unreachable: {exc}")
+        return True
 
-        def on_progress(event: ProgressEvent) -> None:
-            if event.stage == "saved":
-                self.store.record_output(record.id, event.message)
+    def _best_worker(self, record: JobRecord, idle: list[WorkerHandle]) -> WorkerHandle:
+        """A worker that already has the job's model loaded, else one with none loaded, else any."""
+        wanted = (record.request.get("override_settings") or {}).get("sd_model_checkpoint")
+        if wanted and len(idle) > 1:
+            title = self.checkpoint_title(str(wanted))
+            for handle in idle:
+                if title and title in handle.state.loaded_checkpoints:
+                    return handle
+            for handle in idle:
+                if not handle.state.loaded_checkpoints:
+                    return handle
+        return idle[0]
+
+    # what workers report -----------------------------------------------------------------------
+    def on_worker_message(self, handle: WorkerHandle, message: BaseModel) -> None:
+        if isinstance(message, JobEventMessage):
+            self._on_progress(message)
+        elif isinstance(message, ArtifactMessage):
+            self._on_artifact(message)
+        elif isinstance(message, JobFinished):
+            self._on_finished(handle, message)
+        elif isinstance(message, WorkerReady | StateMessage):
+            with self._wake:
+                if isinstance(message, StateMessage):  # it got through a job: not a start-up crash loop
+                    self._failed_starts.pop(handle.worker_id, None)
+                self._wake.notify_all()
+
+    def _on_progress(self, message: JobEventMessage) -> None:
+        with self._wake:
+            live = self._live.get(message.job_id)
+            if live is None:
                 return
+            event = message.progress
             if event.stage == "sampling" and live.sampling_started is None:
                 live.sampling_started = time.monotonic()
             if event.message:
                 live.message = event.message
+            if event.preview is not None:
+                live.preview = event.preview
             live.event = event
-            with self._wake:
-                self._wake.notify_all()
+            self._wake.notify_all()
 
-        try:
-            request = parse_job_request(record.request)
-            result = self.executor.execute(request, control=live.control, on_progress=on_progress)
-            payload = {"images": [str(img.path) for img in result.images], "info": result.info()}
-            self.store.finish(record.id, "done", result=payload)
-        except GenerationInterruptedError as exc:
-            self.store.finish(record.id, "cancelled", error=str(exc))
-        except StudioError as exc:
-            self.store.finish(record.id, "failed", error=str(exc))
-        except ValueError as exc:  # request validation and input problems
-            self.store.finish(record.id, "failed", error=str(exc))
-        except Exception as exc:
-            log.exception("job %s failed", record.id)
-            self.store.finish(record.id, "failed", error=f"internal error: {exc.__class__.__name__}: {exc}")
-        finally:
-            with self._wake:
-                self._live.pop(record.id, None)
-                self._wake.notify_all()
+    def _on_artifact(self, message: ArtifactMessage) -> None:
+        with self._lock:
+            live = self._live.get(message.job_id)
+        if live is None:
+            log.warning("dropping an artifact of job %s, which is not running", message.job_id)
+            return
+        artifact = message.artifact
+        path = write_artifact(self.outputs_root, artifact, paired=live.written)
+        self.store.record_output(message.job_id, str(path))  # so a crash can clean it up
+        with self._wake:
+            live.paths[artifact.ref] = str(path)
+            live.written[artifact.sha256] = path
+            self._wake.notify_all()
+
+    def _on_finished(self, handle: WorkerHandle, message: JobFinished) -> None:
+        outcome = message.outcome
+        with self._wake:
+            live = self._live.get(message.job_id)
+            paths = live.paths if live else {}
+            images = [paths.get(ref, ref) for ref in outcome.artifacts]
+            result = None
+            if outcome.state == "done":
+                result = {"images": images, "info": replace_refs(outcome.info, paths)}
+            self.store.finish(message.job_id, outcome.state, result=result, error=outcome.error)
+            self._live.pop(message.job_id, None)
+            if handle.current_job == message.job_id:
+                handle.current_job = None
+            self._wake.notify_all()
+        if getattr(handle, "restart_after_job", False):  # settings changed while it worked
+            handle.restart_after_job = False  # type: ignore[attr-defined]
+            handle.stop()
+            handle.start(self)
+
+    def on_worker_exit(self, handle: WorkerHandle, reason: str) -> None:
+        """A worker process died: requeue (or fail) its job, then start a fresh worker."""
+        with self._wake:
+            job_id = handle.current_job
+            handle.current_job = None
+            if job_id is not None:
+                self._live.pop(job_id, None)
+                state = self.store.requeue_after_crash(job_id, reason, max_attempts=self.max_attempts)
+                log.error("worker %s: %s during job %s; job %s", handle.worker_id, reason, job_id, state)
+            else:
+                log.error("worker %s: %s", handle.worker_id, reason)
+            if self._stopping:
+                return
+            failures = self._failed_starts.get(handle.worker_id, 0) + (0 if job_id else 1)
+            self._failed_starts[handle.worker_id] = failures
+            self._wake.notify_all()
+        if failures >= MAX_WORKER_RESTARTS_WITHOUT_A_JOB:
+            log.error("worker %s keeps dying without running a job; not restarting it", handle.worker_id)
+            return
+        handle.restarts += 1
+        handle.start(self)

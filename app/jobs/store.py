@@ -139,7 +139,8 @@ class JobStore:
             if row is None:
                 return None
             db.execute(
-                "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1 WHERE id = ?",
+                "UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1, error = NULL "
+                "WHERE id = ?",
                 (time.time(), row["id"]),
             )
         return self.get(row["id"])
@@ -169,19 +170,51 @@ class JobStore:
             )
             return cursor.rowcount == 1
 
-    def recover(self) -> list[str]:
-        """After a crash: running jobs go back to the queue; their partial outputs are deleted
-        so the rerun does not duplicate them. Returns the ids requeued."""
+    def recover(self, max_attempts: int | None = None) -> tuple[list[str], list[str]]:
+        """After a crash or restart: running jobs go back to the queue, their partial outputs
+        deleted so the rerun does not duplicate them; a job that was already cut short
+        ``max_attempts`` times is marked failed instead (it probably stopped the studio itself).
+        Returns ``(requeued ids, failed ids)``."""
+        requeued: list[str] = []
+        failed: list[str] = []
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM jobs WHERE state = 'running'").fetchall()
+        for row in rows:
+            reason = "the studio stopped while it ran"
+            if self.requeue_after_crash(row["id"], reason, max_attempts=max_attempts) == "queued":
+                requeued.append(row["id"])
+            else:
+                failed.append(row["id"])
+        return requeued, failed
+
+    def requeue_after_crash(self, job_id: str, reason: str, *, max_attempts: int | None = None) -> str | None:
+        """A running job whose worker died: queue it again (partial outputs deleted), or, after
+        ``max_attempts`` runs, mark it failed with ``reason``. Returns the new state (None if the
+        job was not running)."""
         with self._transaction() as db:
-            rows = db.execute("SELECT id, outputs FROM jobs WHERE state = 'running'").fetchall()
-            for row in rows:
-                for path in json.loads(row["outputs"]):
-                    Path(path).unlink(missing_ok=True)
-                db.execute(
-                    "UPDATE jobs SET state = 'queued', started = NULL, outputs = '[]' WHERE id = ?",
-                    (row["id"],),
+            row = db.execute(
+                "SELECT outputs, attempts FROM jobs WHERE id = ? AND state = 'running'", (job_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            for path in json.loads(row["outputs"]):
+                Path(path).unlink(missing_ok=True)
+            if max_attempts is not None and row["attempts"] >= max_attempts:
+                times = "once" if row["attempts"] == 1 else f"{row['attempts']} times"
+                error = (
+                    f"This job stopped its worker {times} ({reason}), probably by running out of "
+                    "memory; it was not retried. Try a smaller size, batch or upscale factor."
                 )
-        return [row["id"] for row in rows]
+                db.execute(
+                    "UPDATE jobs SET state = 'failed', finished = ?, outputs = '[]', error = ? WHERE id = ?",
+                    (time.time(), error, job_id),
+                )
+                return "failed"
+            db.execute(
+                "UPDATE jobs SET state = 'queued', started = NULL, outputs = '[]', error = ? WHERE id = ?",
+                (f"retrying: {reason}", job_id),
+            )
+            return "queued"
 
     # reading -------------------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord | None:

@@ -39,6 +39,17 @@ def _build_talking_head(services: StudioServices) -> Any:
     return getattr(handle, "source_image", None)
 
 
+def _build_gpu_notice() -> None:
+    """Above the tabs: an NVIDIA GPU that this PyTorch cannot use, and the command that fixes it."""
+    import gradio as gr
+
+    from app.gpu_check import gpu_notice
+
+    notice = gpu_notice()
+    if notice:
+        gr.Markdown(f"**GPU not used:** {notice}", elem_id="gpu_notice")
+
+
 def build_ui(services: StudioServices) -> Any:
     import gradio as gr
 
@@ -46,6 +57,7 @@ def build_ui(services: StudioServices) -> Any:
 
     services.start_queue()
     with gr.Blocks(title="SD Studio") as demo:
+        _build_gpu_notice()
         pages: dict[str, Any] = {}
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img") as pages["txt2img"]:

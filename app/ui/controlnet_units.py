@@ -3,7 +3,7 @@ extension. Each unit has its control image, preprocessor and model, weight, guid
 control and resize modes, and a preview of the preprocessed control image.
 
 The units go into a generation request as ``controlnet_units`` (the extension's API unit fields,
-validated by :class:`pipelines.controlnet.units.ControlNetUnit`).
+validated by :class:`contract.controlnet.ControlNetUnit`).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class ControlNetBlock:
 
 
 def model_choices(services: StudioServices) -> list[str]:
-    from pipelines.controlnet.units import model_catalogue
+    from pipelines.controlnet.model_files import model_catalogue
 
     return [NO_MODEL, *model_catalogue(services.registry.paths.folder("controlnet"))["model_list"]]
 
@@ -141,7 +141,7 @@ def build(
     """Render the ControlNet accordion; ``width``/``height`` (the generation size sliders) feed
     "Pixel Perfect" in the preview."""
     from contract.controlnet import ControlNetUnit
-    from pipelines.controlnet.units import PREPROCESSORS
+    from pipelines.controlnet.preprocessors import PREPROCESSORS
 
     block = ControlNetBlock()
     with gr.Accordion("ControlNet", open=False, elem_id=f"{prefix}_controlnet"):
@@ -277,7 +277,7 @@ def _wire_unit(
         )
 
     def preview(data: dict[Any, Any]) -> Any:
-        from pipelines.controlnet.units import (
+        from pipelines.controlnet.preprocessors import (
             default_annotator_dirs,
             pixel_perfect_resolution,
             run_preprocessor,

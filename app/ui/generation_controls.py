@@ -67,10 +67,11 @@ def vae_choices(services: StudioServices) -> list[str]:
 def default_checkpoint_choice(services: StudioServices) -> str | None:
     """The model the dropdown starts on: the loaded one, else the configured default, else the first."""
     choices = checkpoint_choices(services)
-    current = services.models.current
-    if current is not None and current.entry.filename in choices:
-        return current.entry.filename
-    preferred = services.settings.default_checkpoint
+    current = services.current_checkpoint()  # a title: "name.safetensors [hash]"
+    for choice in choices:
+        if current and (current == choice or current.startswith(f"{choice} [")):
+            return choice
+    preferred = services.selected_checkpoint
     if preferred:
         try:
             entry = services.registry.find("checkpoint", preferred)

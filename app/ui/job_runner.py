@@ -15,6 +15,7 @@ job, and it tells the others their position.
 from __future__ import annotations
 
 import html
+import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
     from app.jobs.queue import JobStatus
     from app.services import StudioServices
-    from app.ui.previews import LatentPreviewer
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +174,8 @@ def read_infotext(path: str) -> str:
 class JobRunner:
     """Submits and follows jobs for the UI; one per studio, stateless per user."""
 
-    def __init__(self, services: StudioServices, previewer: LatentPreviewer) -> None:
+    def __init__(self, services: StudioServices) -> None:
         self.services = services
-        self.previewer = previewer
 
     # controlling ------------------------------------------------------------------------------
     def submit(self, session: TabSession, requests: list[Any], owner: str) -> list[str]:
@@ -220,7 +219,7 @@ class JobRunner:
             prefix = f"Image {index + 1}/{total}: " if total > 1 else ""
             first_image = len(session.images)
             last_key: tuple[Any, ...] | None = None
-            last_preview_step = 0
+            last_preview: bytes | None = None
             while True:
                 try:
                     status = queue.wait(job_id, timeout=POLL_SECONDS)
@@ -228,19 +227,14 @@ class JobRunner:
                     errors.append("The job disappeared from the queue (the studio was reset?).")
                     break
                 images_changed = self._collect(session, first_image, status)
-                preview = None
-                every = self.services.settings.live_preview_every
-                if status.step < last_preview_step:  # the next batch started
-                    last_preview_step = 0
+                preview = None  # the worker renders previews; a new one is a small JPEG
                 if (
                     status.state == "running"
-                    and status.latents is not None
-                    and status.step - last_preview_step >= every
+                    and status.preview is not None
+                    and status.preview is not last_preview
                 ):
-                    preview = self.previewer.render(
-                        status.latents, sdxl=self._sdxl(), mode=self.services.settings.live_preview
-                    )
-                    last_preview_step = status.step
+                    last_preview = status.preview
+                    preview = _decode_preview(status.preview)
                 key = (status.state, status.position, status.step, status.message, len(session.images))
                 if key != last_key or preview is not None:
                     last_key = key
@@ -312,9 +306,14 @@ class JobRunner:
             session.images.append(ResultImage(path, infotext, _seed_from_infotext(infotext)))
         return bool(new_paths)
 
-    def _sdxl(self) -> bool:
-        current = self.services.models.current
-        return bool(current is not None and current.family.is_sdxl)
+
+def _decode_preview(data: bytes) -> Image.Image | None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(io.BytesIO(data)).convert("RGB")
+    except (UnidentifiedImageError, OSError):
+        return None
 
 
 def _seed_from_infotext(infotext: str) -> int | None:

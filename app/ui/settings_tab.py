@@ -11,8 +11,8 @@ from pydantic import ValidationError
 
 from app.settings import StudioSettings
 from app.ui.generation_controls import field_range, schedule_choices
-from app.ui.previews import PREVIEW_MODES
 from contract.images import format_validation_error
+from pipelines.generation.previews import PREVIEW_MODES
 
 if TYPE_CHECKING:
     from app.services import StudioServices
@@ -81,15 +81,13 @@ def apply_settings(services: StudioServices, changes: dict[str, Any]) -> list[st
         before["memory_preset"] != settings.memory_preset or before["attention"] != settings.attention
     )
     if memory_changed:
-        services.engine.config.memory_preset = settings.memory_preset
-        services.engine.config.memory_overrides = settings.memory_overrides()
-        services.models.unload_all()
+        services.workers.apply_settings(settings)
         lines.append(
             f"Memory preset '{settings.memory_preset}' and attention '{settings.attention}' apply from "
-            "the next job (idle models were unloaded and reload with them)."
+            "the next job (the workers restart with them between jobs)."
         )
     if before["checkpoints_in_ram"] != settings.checkpoints_in_ram:
-        services.models.max_loaded = settings.checkpoints_in_ram
+        services.workers.apply_settings(settings)
         lines.append(f"Up to {settings.checkpoints_in_ram} checkpoint(s) stay loaded.")
     if (before["default_sampler"], before["default_scheduler"]) != (sampler, schedule):
         lines.append(f"New pages start with {sampler} / {schedule} (reload the page to use it here).")

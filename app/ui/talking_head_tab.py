@@ -1,11 +1,13 @@
 """Talking head tab: a portrait and a speech recording in, an MP4 of that face speaking out.
 
 Jobs go through the studio queue like image jobs (one GPU job at a time, positions shown);
-field ranges come from ``TalkingHeadRequest``.
+field ranges come from ``TalkingHeadRequest``. The form's values become a request in
+:func:`request_from_form` (plain Python, tested without a browser).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,64 @@ def _bounds(field: str) -> dict[str, Any]:
         if hasattr(item, "le"):
             bounds["maximum"] = item.le
     return bounds
+
+
+NO_ENHANCER = "none"
+_ANGLE_SEPARATORS = re.compile(r"[,;\s]+")
+
+
+def background_enhancer_choices(models_dir: Path) -> list[str]:
+    """``none`` then the model upscalers the studio lists (models/ESRGAN and A1111's other folders)."""
+    from pipelines.postprocess.upscalers import UPSCALER_FOLDERS, list_upscalers
+
+    names = [info.name for info in list_upscalers(models_dir) if info.kind in UPSCALER_FOLDERS]
+    return [NO_ENHANCER, *names]
+
+
+def parse_angle_path(text: str | None, field: str) -> list[float] | None:
+    """``"0, 15, -10"`` -> ``[0.0, 15.0, -10.0]`` (commas, semicolons or spaces); blank -> ``None``."""
+    if text is None or not str(text).strip():
+        return None
+    angles = []
+    for item in _ANGLE_SEPARATORS.split(str(text).strip()):
+        try:
+            angles.append(float(item))
+        except ValueError:
+            raise ValueError(
+                f"{field}: '{item}' is not an angle. Type degrees separated by commas, e.g. 0, 15, -10."
+            ) from None
+    return angles
+
+
+def request_from_form(values: dict[str, Any]) -> Any:
+    """The ``TalkingHeadRequest`` for the tab's values (keyed by field name, as the components
+    give them: sliders as floats, "none" for no enhancer, angle paths as text)."""
+    from contract.talking_head import TalkingHeadRequest
+
+    def chosen(name: str) -> str | None:
+        value = values.get(name)
+        return None if value in (None, "", NO_ENHANCER) else str(value)
+
+    seed = values.get("seed")
+    return TalkingHeadRequest(
+        image=values["image"],
+        audio=values["audio"],
+        pose_style=int(values["pose_style"]),
+        expression_scale=float(values["expression_scale"]),
+        size=int(values["size"]),
+        preprocess=values["preprocess"],
+        enhancer=chosen("enhancer"),
+        background_enhancer=chosen("background_enhancer"),
+        still=bool(values["still"]),
+        batch_size=int(values["batch_size"]),
+        seed=int(seed if seed is not None else -1),
+        ref_eyeblink=values.get("ref_eyeblink") or None,
+        ref_pose=values.get("ref_pose") or None,
+        **{
+            field: parse_angle_path(values.get(field), field)
+            for field in ("input_yaw", "input_pitch", "input_roll")
+        },
+    )
 
 
 def build(services: StudioServices) -> TalkingHeadTab:
@@ -64,7 +124,22 @@ def build(services: StudioServices) -> TalkingHeadTab:
                     label="Preprocess", choices=["crop", "extcrop", "resize", "full", "extfull"], value="crop"
                 )
                 enhancer = gr.Dropdown(
-                    label="Face enhancer", choices=["none", "gfpgan", "RestoreFormer"], value="none"
+                    label="Face enhancer",
+                    choices=[NO_ENHANCER, "gfpgan", "RestoreFormer"],
+                    value=NO_ENHANCER,
+                    elem_id="talking_head_enhancer",
+                )
+            with gr.Row():
+                background_enhancer = gr.Dropdown(
+                    label="Background enhancer (upscaler from models/ESRGAN)",
+                    choices=background_enhancer_choices(services.settings.models_dir),
+                    value=NO_ENHANCER,
+                    info="Runs over the whole frame; the face enhancer's face is pasted over it.",
+                    elem_id="talking_head_background_enhancer",
+                    scale=4,
+                )
+                refresh_upscalers = gr.Button(
+                    "Refresh", size="sm", elem_id="talking_head_refresh_upscalers", scale=1
                 )
             with gr.Row():
                 still = gr.Checkbox(
@@ -80,6 +155,21 @@ def build(services: StudioServices) -> TalkingHeadTab:
             with gr.Accordion("Reference videos", open=False):
                 ref_eyeblink = gr.Video(label="Copy eye blinks from")
                 ref_pose = gr.Video(label="Copy head motion from")
+            with gr.Accordion("Head angles (free-view)", open=False):
+                gr.Markdown(
+                    "Degrees the head turns through over the clip, e.g. `0, 15, -10` "
+                    "(one value holds that angle). Leave blank for the learned motion."
+                )
+                with gr.Row():
+                    input_yaw = gr.Textbox(
+                        label="Yaw path", placeholder="0, 15", elem_id="talking_head_input_yaw"
+                    )
+                    input_pitch = gr.Textbox(
+                        label="Pitch path", placeholder="0, -5", elem_id="talking_head_input_pitch"
+                    )
+                    input_roll = gr.Textbox(
+                        label="Roll path", placeholder="0", elem_id="talking_head_input_roll"
+                    )
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="talking_head_generate")
                 cancel = gr.Button("Cancel", elem_id="talking_head_cancel")
@@ -91,25 +181,10 @@ def build(services: StudioServices) -> TalkingHeadTab:
     def run(data: dict[Any, Any], request: gr.Request) -> Iterator[dict[Any, Any]]:
         from pydantic import ValidationError
 
-        from contract.talking_head import TalkingHeadRequest
-
         if not data[image] or not data[audio]:
             raise gr.Error("Choose a portrait and a speech recording first.")
         try:
-            job = TalkingHeadRequest(
-                image=data[image],
-                audio=data[audio],
-                pose_style=int(data[pose_style]),
-                expression_scale=float(data[expression]),
-                size=int(data[size]),
-                preprocess=data[preprocess],
-                enhancer=None if data[enhancer] == "none" else data[enhancer],
-                still=bool(data[still]),
-                batch_size=int(data[batch_size]),
-                seed=int(data[seed] if data[seed] is not None else -1),
-                ref_eyeblink=data[ref_eyeblink] or None,
-                ref_pose=data[ref_pose] or None,
-            )
+            job = request_from_form({name: data[component] for name, component in form.items()})
             job_id = services.start_queue().submit(job, owner=job_owner(request))
         except (ValidationError, ValueError) as exc:
             raise gr.Error(user_message(exc)) from None
@@ -135,23 +210,31 @@ def build(services: StudioServices) -> TalkingHeadTab:
             services.queue.cancel(job_id)
         return "Cancelling..."
 
-    inputs = {
-        image,
-        audio,
-        pose_style,
-        expression,
-        size,
-        preprocess,
-        enhancer,
-        still,
-        batch_size,
-        seed,
-        ref_eyeblink,
-        ref_pose,
+    form = {
+        "image": image,
+        "audio": audio,
+        "pose_style": pose_style,
+        "expression_scale": expression,
+        "size": size,
+        "preprocess": preprocess,
+        "enhancer": enhancer,
+        "background_enhancer": background_enhancer,
+        "still": still,
+        "batch_size": batch_size,
+        "seed": seed,
+        "ref_eyeblink": ref_eyeblink,
+        "ref_pose": ref_pose,
+        "input_yaw": input_yaw,
+        "input_pitch": input_pitch,
+        "input_roll": input_roll,
     }
+    refresh_upscalers.click(
+        lambda: gr.update(choices=background_enhancer_choices(services.settings.models_dir)),
+        outputs=background_enhancer,
+    )
     generate.click(
         run,
-        inputs=inputs,
+        inputs=set(form.values()),
         outputs=[job_state, status, video],
         concurrency_id="gpu",
         concurrency_limit=32,

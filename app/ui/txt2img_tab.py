@@ -14,7 +14,6 @@ import gradio as gr
 from app.ui import controlnet_units, download_panel, generation_controls, results_panel, styles_panel
 from app.ui.generation_controls import GenerationControls, field_range, slider
 from app.ui.job_runner import GPU_CONCURRENCY_ID, GPU_EVENT_LIMIT, JobRunner, TabSession
-from app.ui.previews import LatentPreviewer
 from app.ui.results_panel import ResultsPanel
 from contract.images import RANDOM_SEED, Txt2ImgRequest
 
@@ -54,7 +53,7 @@ def hires_upscaler_choices(services: StudioServices) -> list[str]:
 
 
 def make_runner(services: StudioServices) -> JobRunner:
-    return JobRunner(services, LatentPreviewer(services.registry.paths.folder("vae_approx")))
+    return JobRunner(services)
 
 
 def build_action_buttons(prefix: str) -> tuple[Any, Any, Any]:

@@ -31,6 +31,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from pipelines.controlnet.image_prep import hwc3, resize_with_pad64
+from pipelines.errors import AnnotatorLoadError, CheckpointLoadError, ControlNetError
+from pipelines.models.weight_files import read_state_dict
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -85,8 +89,6 @@ class AnnotatorCache:
 
     def network(self, kind: str, path: Path, build: Callable[[Path], Any]) -> Any:
         """The network ``build(path)`` makes, loaded on first use (on the CPU, fp32, eval mode)."""
-        from pipelines.controlnet.units import AnnotatorLoadError
-
         try:
             stat = path.stat()
         except OSError as exc:
@@ -140,12 +142,7 @@ def read_annotator_weights(path: Path) -> Any:
 
     import torch
 
-    from pipelines.controlnet.units import AnnotatorLoadError
-    from pipelines.errors import CheckpointLoadError
-
     if path.suffix.lower() == ".safetensors":
-        from pipelines.models.checkpoint_loader import read_state_dict
-
         try:
             return read_state_dict(path)
         except CheckpointLoadError as exc:
@@ -170,8 +167,6 @@ def _state_dict(data: Any, path: Path, wrappers: Sequence[str] = ()) -> dict[str
     ``{"model": ...}``, ``{"state_dict": ...}``...), without the ``module.`` prefix DataParallel
     puts on every key."""
     import torch
-
-    from pipelines.controlnet.units import AnnotatorLoadError
 
     if isinstance(data, Mapping):
         for wrapper in wrappers:
@@ -218,8 +213,6 @@ def _load_strict(
     import torch
     from accelerate import init_empty_weights
 
-    from pipelines.controlnet.units import AnnotatorLoadError
-
     empty: Any = init_empty_weights(include_buffers=False) if init == "empty" else torch.device("meta")
     with warnings.catch_warnings(), empty:
         warnings.simplefilter("ignore")  # timm's notes on renamed model names, deprecated imports
@@ -265,8 +258,6 @@ def _import_controlnet_aux() -> None:
 
     if "controlnet_aux" in sys.modules:
         return
-    from pipelines.controlnet.units import ControlNetError
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -467,11 +458,9 @@ def _padded(image: np.ndarray, resolution: int, detect: Callable[[np.ndarray, in
     a no-op), padding removed from the result."""
     import numpy as np
 
-    from pipelines.controlnet.units import _hwc3, _resize_with_pad64
-
-    padded, remove_pad = _resize_with_pad64(image, resolution)
-    result = _hwc3(np.asarray(detect(padded, min(padded.shape[:2]))))
-    return _hwc3(remove_pad(result))
+    padded, remove_pad = resize_with_pad64(image, resolution)
+    result = hwc3(np.asarray(detect(padded, min(padded.shape[:2]))))
+    return hwc3(remove_pad(result))
 
 
 def _sizes(size: int) -> dict[str, Any]:
@@ -484,13 +473,11 @@ def _scribble(edges: np.ndarray) -> np.ndarray:
     import cv2
     from controlnet_aux.util import nms
 
-    from pipelines.controlnet.units import _hwc3
-
     result = nms(edges[:, :, 0], 127, 3.0)
     result = cv2.GaussianBlur(result, (0, 0), 3.0)
     result[result > 4] = 255
     result[result < 255] = 0
-    return _hwc3(result)
+    return hwc3(result)
 
 
 def _soft_edges(kind: Literal["hed", "pidinet"], *, safe: bool, scribble: bool) -> AnnotatorFunction:

@@ -394,7 +394,9 @@ class ImageEngine:
         ]
         if not units:
             return None
-        from pipelines.controlnet.units import ControlNetCache, default_annotator_dirs, prepare_control_inputs
+        from pipelines.controlnet.apply import prepare_control_inputs
+        from pipelines.controlnet.model_files import ControlNetCache
+        from pipelines.controlnet.preprocessors import default_annotator_dirs
 
         if self._controlnets is None:
             self._controlnets = ControlNetCache(self.models.registry.paths.folder("controlnet"))
@@ -425,7 +427,7 @@ class ImageEngine:
     def _with_control(self, job: _Job, pipe: Any, control: Any, mode: str, preset: str | None) -> Any:
         if control is None:
             return pipe
-        from pipelines.controlnet.units import build_controlnet_pipeline
+        from pipelines.controlnet.apply import build_controlnet_pipeline
 
         runner = build_controlnet_pipeline(pipe, control.controlnet, mode=mode)
         runner.set_progress_bar_config(disable=True)

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
+from pipelines.errors import StudioError
+from pipelines.generation.memory import decode_has_nan
 from pipelines.job_control import JobControl, ProgressCallback, ProgressEvent
 
 if TYPE_CHECKING:
@@ -45,8 +47,6 @@ def task_pipeline(loaded: LoadedCheckpoint, task: Task, *, controlnet: Any = Non
     as A1111 does: txt2img and img2img simply mask the whole canvas.
     """
     import diffusers
-
-    from pipelines.errors import StudioError
 
     if loaded.family.variant == "edit":
         if task != "img2img" or controlnet is not None:
@@ -118,8 +118,6 @@ def denoise(
 def decode_latents(pipe: Any, latents: Any, notes: list[str]) -> list[Image.Image]:
     """VAE-decode, re-decoding in float32 if half precision produced NaNs (A1111's black images)."""
     import torch
-
-    from pipelines.generation.memory import decode_has_nan
 
     vae = pipe.vae
     config = vae.config

@@ -18,7 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import CheckpointLoadError
 from pipelines.models.families import ModelFamily, detect_family, prediction_from_original_config
-from pipelines.models.registry import PICKLE_SUFFIXES, ModelEntry
+from pipelines.models.family_configs import load_component_config
+from pipelines.models.registry import ModelEntry
+from pipelines.models.safetensors_header import read_safetensors_header
+from pipelines.models.weight_files import read_state_dict
+from pipelines.prompts.tokenizer import build_clip_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -60,48 +64,6 @@ class LoadedCheckpoint:
 # --------------------------------------------------------------------------------------------
 # reading files
 # --------------------------------------------------------------------------------------------
-def read_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """``.ckpt/.pt/.pth`` through ``torch.load(weights_only=True)`` only: a file that needs
-    arbitrary unpickling (and could run code) is refused."""
-    import pickle
-
-    import torch
-
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or isinstance(exc, pickle.UnpicklingError):
-            raise CheckpointLoadError(
-                f"{path.name}: refused to load: the pickle holds objects other than tensors, and "
-                "loading it could run code. Use a .safetensors version of this model."
-            ) from exc
-        raise CheckpointLoadError(
-            f"{path.name}: file is corrupt or truncated ({text}). Download it again."
-        ) from exc
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise CheckpointLoadError(f"{path.name}: does not contain a state dict.")
-    return {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a single-file checkpoint, with corruption reported in plain words."""
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        return read_pickled_state_dict(path)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from pipelines.models.safetensors_header import read_safetensors_header
-
-    read_safetensors_header(path)  # fails fast, with a clear message, on truncation
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointLoadError(f"{path.name}: file is corrupt ({exc}). Download it again.") from exc
-
-
 def _normalise_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
     """Older SD1 checkpoints lack the ``text_model.`` level in CLIP keys; add it back."""
     old = "cond_stage_model.transformer.embeddings."
@@ -123,8 +85,6 @@ def _normalise_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
 # configs
 # --------------------------------------------------------------------------------------------
 def _shipped(family: ModelFamily, component: str) -> dict[str, Any]:
-    from pipelines.models.family_configs import load_component_config
-
     return dict(load_component_config(family.config_name, component))
 
 
@@ -381,14 +341,10 @@ def load_single_file(
     import torch
     from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
-    from pipelines.prompts.tokenizer import build_clip_tokenizer
-
     dtype = dtype or torch.float32
     name = path.name
     metadata: dict[str, str] = {}
     if path.suffix.lower() == ".safetensors":
-        from pipelines.models.safetensors_header import read_safetensors_header
-
         metadata = read_safetensors_header(path).metadata
     state_dict = _normalise_keys(read_state_dict(path))
     if family is None:
@@ -438,8 +394,6 @@ def load_single_file(
 def load_diffusers_folder(path: Path, *, family: ModelFamily, dtype: torch.dtype | None = None) -> Any:
     """``from_pretrained`` with no network; tokenizers are rebuilt offline when the folder lacks them."""
     import torch
-
-    from pipelines.prompts.tokenizer import build_clip_tokenizer
 
     cls = _pipeline_class(family)
     overrides: dict[str, Any] = {}

@@ -998,6 +998,8 @@ def _receive(
             "token, CLI: --token) or may not be a direct download link."
         )
     destination.parent.mkdir(parents=True, exist_ok=True)
+    if total is not None:
+        _check_free_space(destination, total - offset, source)
     received, digest = _stream_to_part(
         response,
         part,
@@ -1014,6 +1016,26 @@ def _receive(
             "to resume it."
         )
     _finish(part, destination, source, expected, digest)
+
+
+_FREE_SPACE_MARGIN_BYTES = 64 * 1024**2
+
+
+def _check_free_space(destination: Path, remaining: int, source: str) -> None:
+    """Refuse a download that cannot fit, before the first byte, saying how much is needed and free."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(destination.parent).free
+    except OSError:
+        return  # some network drives cannot say; the write itself will report a full disk
+    if free >= remaining + _FREE_SPACE_MARGIN_BYTES:
+        return
+    raise DownloadError(
+        f"{source}: {destination.name} needs {remaining / 1e9:.2f} GB more and only {free / 1e9:.2f} GB are "
+        f"free on the disk holding {destination.parent}. Free up space and run the same download again "
+        "(it resumes)."
+    )
 
 
 def _stream_to_part(

@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Literal
 
 from pipelines.errors import ModelNotFoundError, NoModelsError
+from pipelines.models.download import standard_download_command
 from pipelines.models.families import ModelFamily, UnknownFamilyError, detect_diffusers_family, detect_family
 from pipelines.models.hashing import SHORT_HASH_LENGTH, HashCache
+from pipelines.models.safetensors_header import read_safetensors_header
+from pipelines.models.weight_files import read_pickled_state_dict
 
 ModelKind = Literal[
     "checkpoint",
@@ -32,7 +35,6 @@ ModelKind = Literal[
 ]
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass(frozen=True)
@@ -255,8 +257,6 @@ class ModelRegistry:
 
 
 def no_checkpoints_message(folder: Path) -> str:
-    from pipelines.models.download import standard_download_command
-
     return (
         f"No Stable Diffusion checkpoint found in {folder}.\n"
         "Put a .safetensors checkpoint (or a diffusers folder) there, or download the standard "
@@ -284,12 +284,8 @@ def detect_entry_family(entry: ModelEntry) -> ModelFamily:
     if entry.sidecar_yaml is not None:
         original_config = yaml.safe_load(entry.sidecar_yaml.read_text(encoding="utf-8"))
     if entry.file_format == "safetensors":
-        from pipelines.models.safetensors_header import read_safetensors_header
-
         header = read_safetensors_header(entry.path)
         shapes = {key: info.shape for key, info in header.tensors.items()}
     else:
-        from pipelines.models.checkpoint_loader import read_pickled_state_dict
-
         shapes = {key: tuple(value.shape) for key, value in read_pickled_state_dict(entry.path).items()}
     return detect_family(shapes, original_config=original_config, name=entry.filename)

@@ -15,6 +15,7 @@ from typing import Any
 
 from pipelines.errors import CheckpointLoadError
 from pipelines.models.registry import ModelEntry
+from pipelines.models.weight_files import read_state_dict
 
 AUTOMATIC = ("Automatic", "None", "")
 
@@ -53,8 +54,6 @@ def load_vae(entry: ModelEntry, reference_vae: Any) -> Any:
             return AutoencoderKL.from_pretrained(str(entry.path), local_files_only=True, torch_dtype=dtype)
         except (OSError, ValueError) as exc:
             raise CheckpointLoadError(f"VAE {entry.filename}: cannot load this folder ({exc}).") from exc
-    from pipelines.models.checkpoint_loader import read_state_dict
-
     state_dict = read_state_dict(entry.path)
     config = dict(reference_vae.config)
     converted = convert_ldm_vae_checkpoint(state_dict, config)

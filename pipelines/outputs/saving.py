@@ -90,8 +90,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part.
 
     The parent folder is created. The temp file sits next to ``path`` (``os.replace`` is only atomic
-    within one file system) and is removed if anything fails.
+    within one file system) and is removed if anything fails. On Windows the rename is retried for a
+    few seconds while another program (an image viewer, antivirus) briefly locks ``path``.
     """
+    from pipelines.outputs.windows_files import replace_with_retry
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(_MAX_TEMP_ATTEMPTS):
@@ -109,7 +112,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp_path, path)
+        replace_with_retry(temp_path, path)
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise

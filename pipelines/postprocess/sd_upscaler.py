@@ -21,7 +21,7 @@ Each one appears in the upscaler list as ``SD x4 (<name>)`` with scale 4.
 
 Memory: activations grow with the input area, so inputs larger than ``tile`` pixels (default 128,
 giving 512-pixel output tiles) are cut into overlapping tiles that run one by one (each with its
-own seed, ``seed + tile index``) and are cross-faded with ``pipelines.postprocess.upscalers``' feathered
+own seed, ``seed + tile index``) and are cross-faded with ``pipelines.postprocess.tiling``' feathered
 weights; the full-size result is assembled in CPU memory. The engine's memory options (dtype,
 attention, slicing, offload) are applied to the pipeline, except that the VAE always runs in
 float32 (the original config notes that this decoder breaks in half precision) and the UNet is
@@ -41,22 +41,27 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.errors import CheckpointLoadError, OutOfMemoryError
-from pipelines.models.family_configs import CONFIGS_ROOT
-from pipelines.postprocess.upscalers import (
-    ProgressCallback,
+from pipelines.errors import (
+    CheckpointLoadError,
+    OutOfMemoryError,
     UpscaleRequestError,
     UpscalerFileMissingError,
-    _axis_weights,
-    tensor_to_pil,
-    tile_starts,
 )
+from pipelines.generation.memory import (
+    MemoryOptions,
+    apply_memory_options,
+    free_accelerator_memory,
+    is_out_of_memory,
+    resolve_device,
+)
+from pipelines.models.family_configs import CONFIGS_ROOT
+from pipelines.models.safetensors_header import read_safetensors_header
+from pipelines.postprocess.tiling import ProgressCallback, axis_weights, tensor_to_pil, tile_starts
+from pipelines.prompts.tokenizer import build_clip_tokenizer
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
-
-    from pipelines.generation.memory import MemoryOptions
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +191,6 @@ def list_sd_upscalers(models_root: Path) -> list[tuple[str, Path]]:
 # loading
 # ---------------------------------------------------------------------------------------------
 def _check_safetensors(path: Path, where: Path) -> None:
-    from pipelines.models.safetensors_header import read_safetensors_header
-
     try:
         read_safetensors_header(path)
     except CheckpointLoadError as exc:
@@ -275,8 +278,6 @@ def _load_folder(path: Path, dtype: torch.dtype) -> Any:
     from diffusers import StableDiffusionUpscalePipeline
     from safetensors import SafetensorError
 
-    from pipelines.prompts.tokenizer import build_clip_tokenizer
-
     check_diffusers_folder(path)
     overrides: dict[str, Any] = {}
     tokenizer_dir = path / "tokenizer"
@@ -294,8 +295,6 @@ def _load_folder(path: Path, dtype: torch.dtype) -> Any:
 
 
 def _check_single_file(path: Path) -> None:
-    from pipelines.models.safetensors_header import read_safetensors_header
-
     if path.suffix.lower() != ".safetensors":
         raise SdUpscalerLoadError(
             f"{path.name}: SD x4 upscaler single files are read as .safetensors only (pickled "
@@ -323,8 +322,6 @@ def _check_single_file(path: Path) -> None:
 def _load_single_file(path: Path, config_dir: Path, dtype: torch.dtype) -> Any:
     from diffusers import StableDiffusionUpscalePipeline
     from safetensors import SafetensorError
-
-    from pipelines.prompts.tokenizer import build_clip_tokenizer
 
     _check_single_file(path)
     if not (config_dir / "model_index.json").is_file():
@@ -390,8 +387,6 @@ def _model_key(path: Path) -> tuple[str, ...]:
 
 def prepare_pipeline(pipe: Any, options: MemoryOptions | None) -> list[str]:
     """Apply the engine's memory options (see the module docstring for what is overridden)."""
-    from pipelines.generation.memory import MemoryOptions, apply_memory_options, resolve_device
-
     options = (options or MemoryOptions()).model_copy(update={"no_half_vae": True, "compile": False})
     return apply_memory_options(pipe, options, resolve_device(options))
 
@@ -434,7 +429,6 @@ class SdUpscalerCache:
     def _drop(self) -> None:
         if self._pipe is None:
             return
-        from pipelines.generation.memory import free_accelerator_memory
 
         self._key, self._pipe = None, None
         free_accelerator_memory()
@@ -519,8 +513,8 @@ def upscale_x4(
             return tensor_to_pil(result)
         overlap = min(settings.tile_overlap, tile // 2)
         ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-        weights_y = _axis_weights(height, tile, ys, scale, overlap)
-        weights_x = _axis_weights(width, tile, xs, scale, overlap)
+        weights_y = axis_weights(height, tile, ys, scale, overlap)
+        weights_x = axis_weights(width, tile, xs, scale, overlap)
         output = torch.zeros((1, 3, height * scale, width * scale))
         total = len(ys) * len(xs)
         for row, (y, weight_y) in enumerate(zip(ys, weights_y, strict=True)):
@@ -568,8 +562,6 @@ class SdX4Upscaler:
 
     def _run_with_retry(self, pipe: Any, rgb: Image.Image) -> Image.Image:
         """Halve the tile size on out-of-memory until it works or the tile gets too small."""
-        from pipelines.generation.memory import free_accelerator_memory, is_out_of_memory
-
         settings = self.settings
         while True:
             try:

@@ -23,19 +23,41 @@ import math
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.errors import CheckpointLoadError, ModelNotFoundError, OutOfMemoryError, StudioError
+from pipelines.errors import (
+    CheckpointLoadError,
+    ImageModelLoadError,
+    OutOfMemoryError,
+    StudioError,
+    UpscaleRequestError,
+    UpscalerFileMissingError,
+    UpscalerNotFoundError,
+)
+from pipelines.generation.memory import free_accelerator_memory, is_out_of_memory
+from pipelines.models.safetensors_header import read_safetensors_header
+from pipelines.postprocess.sd_upscaler import (
+    SD_UPSCALER_FOLDER,
+    SD_UPSCALER_SCALE,
+    SdX4Upscaler,
+    list_sd_upscalers,
+    upscaler_name,
+)
+from pipelines.postprocess.tiling import (
+    ProgressCallback,
+    axis_weights,
+    pil_to_tensor,
+    tensor_to_pil,
+    tile_starts,
+)
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
     from spandrel import ImageModelDescriptor
-
-    from pipelines.postprocess.sd_upscaler import SdX4Upscaler
 
 UPSCALER_BUILTINS: tuple[str, ...] = ("None", "Lanczos", "Nearest")
 # A1111's upscaler folders under ``models/``, searched in this order (first one wins on a name clash).
@@ -45,29 +67,7 @@ UPSCALER_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt")
 # A1111 runs a model at most this many times to reach a wanted scale above the model's own.
 MAX_MODEL_PASSES = 3
 MIN_TILE = 16
-_SD_UPSCALER_KIND = (
-    "SD-Upscaler"  # pipelines.postprocess.sd_upscaler.SD_UPSCALER_FOLDER (imported lazily: it imports us)
-)
 DEFAULT_CACHE_SIZE = 2
-
-ProgressCallback = Callable[[int, int], None]
-"""Called with (tiles done, tiles in this pass) after each tile; may raise to interrupt."""
-
-
-class UpscalerNotFoundError(ModelNotFoundError):
-    """The upscaler name is neither a built-in nor a model file in the upscaler folders."""
-
-
-class UpscalerFileMissingError(UpscalerNotFoundError):
-    """A model file that was listed (or given as a path) is not on disk."""
-
-
-class ImageModelLoadError(CheckpointLoadError):
-    """A model file exists but cannot be read, or spandrel cannot identify its architecture."""
-
-
-class UpscaleRequestError(StudioError):
-    """The requested size/tiling makes no sense (both a scale and a size, a negative scale, ...)."""
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,6 @@ def scale_from_safetensors_header(path: Path) -> int | None:
     Reads only the header (no tensor data). Other architectures answer ``None``; the file name is
     the fallback then.
     """
-    from pipelines.models.safetensors_header import read_safetensors_header
-
     try:
         header = read_safetensors_header(path)
     except StudioError:
@@ -201,13 +199,6 @@ def list_upscalers(models_root: Path) -> list[UpscalerInfo]:
                 name = f"{folder_name}/{name}"
             taken.add(name.lower())
             infos.append(UpscalerInfo(name, path, folder_name, _known_scale(path)))
-    from pipelines.postprocess.sd_upscaler import (
-        SD_UPSCALER_FOLDER,
-        SD_UPSCALER_SCALE,
-        list_sd_upscalers,
-        upscaler_name,
-    )
-
     for name, path in list_sd_upscalers(models_root):
         infos.append(UpscalerInfo(upscaler_name(name), path, SD_UPSCALER_FOLDER, SD_UPSCALER_SCALE))
     return infos
@@ -260,7 +251,7 @@ def find_upscaler(models_root: Path, name: str) -> UpscalerInfo:
     raise UpscalerNotFoundError(
         f"Unknown upscaler '{name}'. Choices: {choices}. Model upscalers are .safetensors/.pth files "
         f"in {Path(models_root) / 'ESRGAN'} (or RealESRGAN, SwinIR, DAT); the Stable Diffusion x4 "
-        f"upscaler goes in {Path(models_root) / _SD_UPSCALER_KIND}."
+        f"upscaler goes in {Path(models_root) / SD_UPSCALER_FOLDER}."
     )
 
 
@@ -284,8 +275,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
-
-        from pipelines.models.safetensors_header import read_safetensors_header
 
         try:
             read_safetensors_header(path)  # clear messages for truncated/non-safetensors files
@@ -441,53 +430,6 @@ class UpscalerCache:
 # ---------------------------------------------------------------------------------------------
 # tiled inference
 # ---------------------------------------------------------------------------------------------
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Tile start offsets covering ``[0, size)``, evenly spread, neighbours overlapping by at
-    least ``overlap`` pixels (one tile when the image fits)."""
-    if size <= tile:
-        return [0]
-    step = tile - overlap
-    count = max(2, math.ceil((size - overlap) / step))
-    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
-
-
-def _feather(length: int, lead: bool, trail: bool, margin: float, ramp: float) -> torch.Tensor:
-    """1-D weights of one tile: zero within ``margin`` of an edge shared with another tile
-    (where the model saw the tile border instead of the real neighbourhood), then a linear ramp
-    up to 1 over ``ramp`` pixels. Edges on the image border keep full weight."""
-    import torch
-
-    position = torch.arange(length, dtype=torch.float32) + 0.5
-    weight = torch.ones(length, dtype=torch.float32)
-    if lead:
-        weight = torch.minimum(weight, ((position - margin) / ramp).clamp(0.0, 1.0))
-    if trail:
-        weight = torch.minimum(weight, ((length - position - margin) / ramp).clamp(0.0, 1.0))
-    return weight
-
-
-def _axis_weights(size: int, tile: int, starts: list[int], scale: int, overlap: int) -> list[torch.Tensor]:
-    """Per-tile output weights along one axis, normalised so they sum to 1 at every pixel.
-
-    Tiles form a grid, so 2-D weights are outer products of these and are normalised too.
-    """
-    import torch
-
-    margin = (overlap // 4) * scale
-    ramp = max(1, overlap - 2 * (overlap // 4)) * scale
-    out_size = size * scale
-    raw = []
-    total = torch.zeros(out_size, dtype=torch.float32)
-    for start in starts:
-        length = min(tile, size - start) * scale
-        weight = _feather(length, start > 0, start + tile < size, margin, ramp)
-        total[start * scale : start * scale + length] += weight
-        raw.append(weight)
-    if bool((total <= 0).any()):  # cannot happen while overlap > 2 * margin; keep the guard honest
-        raise UpscaleRequestError("Tile overlap too small for the feather; raise tile_overlap.")
-    return [w / total[s * scale : s * scale + w.shape[0]] for s, w in zip(starts, raw, strict=True)]
-
-
 def run_image_model_tiled(
     descriptor: ImageModelDescriptor,
     image: torch.Tensor,
@@ -520,8 +462,8 @@ def run_image_model_tiled(
             return result
         overlap = min(tile_overlap, tile // 2)
         ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-        wy = _axis_weights(height, tile, ys, scale, overlap)
-        wx = _axis_weights(width, tile, xs, scale, overlap)
+        wy = axis_weights(height, tile, ys, scale, overlap)
+        wx = axis_weights(width, tile, xs, scale, overlap)
         output = torch.zeros((1, descriptor.output_channels, height * scale, width * scale))
         done, total = 0, len(ys) * len(xs)
         for y, weight_y in zip(ys, wy, strict=True):
@@ -535,28 +477,6 @@ def run_image_model_tiled(
                 if progress:
                     progress(done, total)
         return output
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB/L PIL image -> ``(1, C, H, W)`` float32 tensor in [0, 1]."""
-    import numpy as np
-    import torch
-
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0)
-
-
-def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
-    """``(1, C, H, W)`` tensor in [0, 1] -> RGB (C=3) or L (C=1) PIL image."""
-    import torch
-    from PIL import Image
-
-    array = (tensor[0].detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
-    if array.shape[0] == 1:
-        return Image.fromarray(array[0], mode="L")
-    return Image.fromarray(array.transpose(1, 2, 0), mode="RGB")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,7 +563,7 @@ def upscale(
     rgb = image.convert("RGB")
 
     descriptor = None
-    is_sd_x4 = info.kind == _SD_UPSCALER_KIND and info.path is not None
+    is_sd_x4 = info.kind == SD_UPSCALER_FOLDER and info.path is not None
     if is_sd_x4:
         if scale is None and target_size is None:
             scale = float(info.scale or 4)
@@ -664,8 +584,6 @@ def upscale(
     resize_to, crop_box = plan_output_size(rgb.size, scale=scale, target_size=target_size, crop=crop)
 
     if is_sd_x4:
-        from pipelines.postprocess.sd_upscaler import SdX4Upscaler
-
         runner = sd_upscaler if sd_upscaler is not None else SdX4Upscaler(progress=progress)
         assert info.path is not None
         result = _finish(runner.upscale_to_cover(rgb, info.path, resize_to), resize_to, crop_box)
@@ -692,8 +610,6 @@ def _run_model_passes(
     progress: ProgressCallback | None,
 ) -> Image.Image:
     """Apply the model until ``rgb`` covers ``resize_to`` (a 1x model runs once)."""
-    from pipelines.generation.memory import free_accelerator_memory, is_out_of_memory
-
     current = rgb
     for _ in range(MAX_MODEL_PASSES):
         if descriptor.scale > 1 and current.width >= resize_to[0] and current.height >= resize_to[1]:

@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import CheckpointLoadError, ModelNotFoundError, StudioError
+from pipelines.models.safetensors_header import read_safetensors_header
+from pipelines.models.weight_files import read_state_dict
 from pipelines.prompts.parser import ExtraNetworkRef, strip_extra_networks
 
 if TYPE_CHECKING:
@@ -172,8 +174,6 @@ def _iter_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
 def read_safetensors_metadata(path: Path) -> dict[str, Any]:
     """The ``__metadata__`` of a ``.safetensors`` file; values that hold JSON objects/lists (kohya's
     ``ss_tag_frequency``...) are decoded, as A1111 does. Unreadable files give ``{}``."""
-    from pipelines.models.safetensors_header import read_safetensors_header
-
     try:
         raw = read_safetensors_header(path).metadata
     except CheckpointLoadError:
@@ -433,8 +433,6 @@ def _adapter_name(index: int, path: Path) -> str:
 
 
 def _read_lora(path: Path) -> dict[str, torch.Tensor]:
-    from pipelines.models.checkpoint_loader import read_state_dict
-
     try:
         return read_state_dict(path)
     except CheckpointLoadError as exc:

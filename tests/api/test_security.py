@@ -95,7 +95,7 @@ def test_pickled_checkpoint_with_code_is_refused_without_running_it(
     studio_server: StudioServer, alice: requests.Session, api_models_root: Path, pickle_marker: Path
 ) -> None:
     from pipelines.errors import CheckpointLoadError
-    from pipelines.models.checkpoint_loader import read_pickled_state_dict
+    from pipelines.models.weight_files import read_pickled_state_dict
 
     evil = api_models_root / "Stable-diffusion" / "evil.ckpt"
     with pytest.raises(CheckpointLoadError, match="refused to load"):

@@ -23,7 +23,6 @@ from app.ui.job_runner import (
     progress_html,
     user_message,
 )
-from app.ui.previews import LatentPreviewer
 from contract.images import Txt2ImgRequest
 from pipelines.errors import OutOfMemoryError
 
@@ -119,9 +118,19 @@ def _runner(queue: ScriptedQueue, tmp_path: Path) -> JobRunner:
         queue=queue,
         start_queue=lambda: queue,
         settings=SimpleNamespace(live_preview_every=2, live_preview="cheap"),
-        models=SimpleNamespace(current=None),
     )
-    return JobRunner(services, LatentPreviewer(tmp_path))  # type: ignore[arg-type]
+    return JobRunner(services)  # type: ignore[arg-type]
+
+
+def _jpeg() -> bytes:
+    """A preview as a worker sends it (each call a new object, as each new preview is)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(buffer, format="JPEG")
+    return buffer.getvalue()
 
 
 def _saved_png(path: Path, infotext: str) -> str:
@@ -136,15 +145,15 @@ def _saved_png(path: Path, infotext: str) -> str:
 def test_follow_reports_each_stage_then_the_images(tmp_path: Path) -> None:
     first = _saved_png(tmp_path / "a.png", "a cat\nSteps: 4, Sampler: Euler, Seed: 11, Size: 8x8")
     second = _saved_png(tmp_path / "b.png", "a cat\nSteps: 4, Sampler: Euler, Seed: 12, Size: 8x8")
-    latents = torch.zeros(1, 4, 2, 2)
     running = replace(BASE, state="running", position=None)
+    early = _jpeg()  # the worker sent no preview at step 1 (every 2 steps)
     script = [
         BASE,
         replace(BASE, position=1),
         replace(running, message="Loading model tiny..."),
-        replace(running, step=1, steps=4, progress=0.25, latents=latents),
-        replace(running, step=2, steps=4, progress=0.5, eta_seconds=2.0, latents=latents),
-        replace(running, step=4, steps=4, progress=1.0, images=[first], latents=latents),
+        replace(running, step=1, steps=4, progress=0.25),
+        replace(running, step=2, steps=4, progress=0.5, eta_seconds=2.0, preview=early),
+        replace(running, step=4, steps=4, progress=1.0, images=[first], preview=_jpeg()),
         replace(
             BASE,
             state="done",
@@ -175,7 +184,8 @@ def test_follow_reports_each_stage_then_the_images(tmp_path: Path) -> None:
         "Done: 2 images",
     ]
     previews = [u.preview is not None for u in updates]
-    assert previews == [False, False, False, False, True, True, False]  # every 2 steps
+    assert previews == [False, False, False, False, True, True, False]  # each new preview once
+    assert updates[4].preview.size == (16, 16)
     assert updates[5].images_changed  # the first image shows before the job ends
     assert [(i.path, i.infotext, i.seed) for i in session.images] == [(first, "one", 11), (second, "two", 12)]
     assert session.last_seed == 11 and session.notes == ["n"]
@@ -201,24 +211,24 @@ def test_failed_and_interrupted_jobs(tmp_path: Path) -> None:
     assert queue.skipped == ["job-1"]
 
 
-def test_previews_continue_into_the_next_batch(tmp_path: Path) -> None:
+def test_previews_continue_into_the_next_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker renders a preview every ``preview_every`` steps, counting again in each batch."""
+    import app.workers.runtime as runtime_module
+    from app.workers.runtime import _ProgressReporter
+    from contract.worker import RunJob
+    from pipelines.job_control import ProgressEvent
+
+    monkeypatch.setattr(runtime_module, "PREVIEW_MIN_INTERVAL", 0.0)
+    runtime = SimpleNamespace(worker_id="w", device="cpu", encode_preview=lambda latents, **_: b"jpeg")
+    sent: list[Any] = []
+    message = RunJob(job_id="job-1", request={}, preview_mode="cheap", preview_every=2)
+    reporter = _ProgressReporter(runtime, message, sent.append, sdxl=False)  # type: ignore[arg-type]
     latents = torch.zeros(1, 4, 2, 2)
-    running = replace(BASE, state="running", position=None, steps=4, latents=latents)
-    script = [
-        replace(running, step=2, progress=0.25),
-        replace(running, step=4, progress=0.5),
-        replace(running, step=1, progress=0.625),  # batch 2 of 2 starts
-        replace(running, step=2, progress=0.75),
-        replace(BASE, state="done", position=None, progress=1.0),
-    ]
-    runner = _runner(ScriptedQueue({"job-1": script}), tmp_path)
-    session = TabSession()
-    session.start(["job-1"], {"job-1": 2})
-    updates = list(runner.follow(session))
-    assert [u.text for u in updates][:4] == [
-        "Batch 1/2, Step 2/4",
-        "Batch 1/2, Step 4/4",
-        "Batch 2/2, Step 1/4",
-        "Batch 2/2, Step 2/4",
-    ]
-    assert [u.preview is not None for u in updates][:4] == [True, True, False, True]
+    for batch, step in ((0, 2), (0, 4), (1, 1), (1, 2)):
+        reporter(
+            ProgressEvent(
+                stage="sampling", step=step, steps=4, batch_index=batch, batch_count=2, latents=latents
+            )
+        )
+    assert [m.progress.preview is not None for m in sent] == [True, True, False, True]
+    assert [m.progress.worker for m in sent] == ["w"] * 4

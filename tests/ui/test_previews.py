@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.ui.previews import LatentPreviewer, cheap_preview, taesd_state_dict_to_diffusers
+from pipelines.generation.previews import LatentPreviewer, cheap_preview, taesd_state_dict_to_diffusers
 
 
 def _pixel(image, x: int = 0, y: int = 0) -> tuple[int, int, int]:

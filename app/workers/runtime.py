@@ -1,0 +1,275 @@
+"""Runs one contract job on one device and reports it as contract messages."""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from contract.artifacts import Artifact, JobOutcome
+from contract.events import PREVIEW_MAX_SIDE, PREVIEW_MIN_INTERVAL, JobProgress, WorkerState
+from contract.jobs import parse_job_request
+from contract.worker import ArtifactMessage, JobEventMessage, RunJob
+from pipelines.errors import GenerationInterruptedError, StudioError
+from pipelines.job_control import JobControl, ProgressEvent
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from pydantic import BaseModel
+
+    from app.settings import StudioSettings
+    from app.talking_head import TalkingHeadService
+    from pipelines.generation.engine import ImageEngine
+    from pipelines.generation.previews import LatentPreviewer
+
+log = logging.getLogger(__name__)
+
+Send = Callable[["BaseModel"], None]
+
+
+@dataclass
+class ArtifactSink:
+    """The engine's image sink inside a worker: each finished image is encoded exactly as the
+    in-process saver would, and sent to the head, which writes it into ``outputs/``."""
+
+    job_id: str
+    send: Send
+    refs: list[str] = field(default_factory=list)
+
+    def save_image(
+        self, image: Image.Image, *, folder: str, seed: int, infotext: str, kind: str = "images"
+    ) -> str:
+        from pipelines.outputs.saving import encode_image
+
+        artifact = Artifact(
+            kind="grid" if kind == "grids" else "image",
+            folder=folder,
+            extension="png",
+            data=encode_image(image, "png", infotext),
+            seed=seed,
+            infotext=infotext,
+        )
+        self.send(ArtifactMessage(job_id=self.job_id, artifact=artifact))
+        self.refs.append(artifact.ref)
+        return artifact.ref
+
+
+class _ProgressReporter:
+    """Engine progress -> contract events, with previews rendered here and sent as small JPEGs at
+    most every ``PREVIEW_MIN_INTERVAL`` seconds (and every ``preview_every`` steps)."""
+
+    def __init__(self, runtime: WorkerRuntime, message: RunJob, send: Send, *, sdxl: bool) -> None:
+        self.runtime = runtime
+        self.message = message
+        self.send = send
+        self.sdxl = sdxl
+        self.last_preview = 0.0
+        self.last_preview_step = 0
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.stage == "saved":
+            return  # the artifact itself tells the head
+        preview = None
+        if event.latents is not None and self.message.preview_mode != "none":
+            now = time.monotonic()
+            if event.step < self.last_preview_step:
+                self.last_preview_step = 0  # the next batch started
+            due = event.step - self.last_preview_step >= self.message.preview_every
+            if due and now - self.last_preview >= PREVIEW_MIN_INTERVAL:
+                preview = self.runtime.encode_preview(
+                    event.latents, sdxl=self.sdxl, mode=self.message.preview_mode
+                )
+                self.last_preview, self.last_preview_step = now, event.step
+        progress = JobProgress(
+            stage=event.stage,
+            step=event.step,
+            steps=event.steps,
+            batch_index=event.batch_index,
+            batch_count=event.batch_count,
+            message=event.message,
+            preview=preview,
+            worker=self.runtime.worker_id,
+            device=self.runtime.device,
+        )
+        self.send(JobEventMessage(job_id=self.message.job_id, progress=progress))
+
+
+class WorkerRuntime:
+    """One device's engines. Runs one job at a time (the caller serialises jobs)."""
+
+    def __init__(
+        self,
+        engine: ImageEngine,
+        talking_head: TalkingHeadService | None,
+        *,
+        worker_id: str,
+        device: str,
+        previewer: LatentPreviewer | None = None,
+        scratch_dir: Path | None = None,
+        kind: str = "process",
+    ) -> None:
+        self.engine = engine
+        self.talking_head = talking_head
+        self.worker_id = worker_id
+        self.device = device
+        self.previewer = previewer
+        self.scratch_dir = scratch_dir
+        self.kind = kind
+        self.busy_job: str | None = None
+        self.jobs_done = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, settings: StudioSettings, *, worker_id: str, device: str) -> WorkerRuntime:
+        """A runtime with its own model cache for ``device`` (what a worker process builds)."""
+        from app.services import build_engine, build_talking_head
+        from pipelines.generation.previews import LatentPreviewer
+
+        engine = build_engine(settings, device=device)
+        scratch = settings.data_dir / "workers" / worker_id
+        return cls(
+            engine,
+            build_talking_head(settings, engine, outputs_root=scratch),
+            worker_id=worker_id,
+            device=device,
+            previewer=LatentPreviewer(engine.models.registry.paths.folder("vae_approx")),
+            scratch_dir=scratch,
+        )
+
+    # state ---------------------------------------------------------------------------------------
+    def state(self) -> WorkerState:
+        models = self.engine.models
+        current = models.current
+        return WorkerState(
+            worker=self.worker_id,
+            device=self.device,
+            busy_job=self.busy_job,
+            loaded_checkpoints=[models.registry.title(item.entry) for item in models.loaded()],
+            current_checkpoint=models.registry.title(current.entry) if current is not None else None,
+            current_family=current.family.base if current is not None else None,
+            jobs_done=self.jobs_done,
+            kind="process" if self.kind == "process" else "in-process",
+        )
+
+    def set_default_model(self, checkpoint: str | None, *, load: bool, unload: bool = False) -> None:
+        models = self.engine.models
+        models.default_checkpoint = checkpoint
+        if unload:
+            models.unload_all()
+        if load:
+            models.load(checkpoint)
+
+    def encode_preview(self, latents: Any, *, sdxl: bool, mode: str) -> bytes | None:
+        if self.previewer is None:
+            return None
+        image = self.previewer.render(latents, sdxl=sdxl, mode=mode)
+        if image is None:
+            return None
+        image.thumbnail((PREVIEW_MAX_SIDE * 4, PREVIEW_MAX_SIDE))  # a batch is a strip
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=80)
+        return buffer.getvalue()
+
+    # running ---------------------------------------------------------------------------------------
+    def run(self, message: RunJob, send: Send, control: JobControl) -> JobOutcome:
+        """Run the job; every failure becomes an outcome (only a dying process loses a job)."""
+        with self._lock:
+            self.busy_job = message.job_id
+            try:
+                return self._run(message, send, control)
+            finally:
+                self.busy_job = None
+                self.jobs_done += 1
+
+    def _run(self, message: RunJob, send: Send, control: JobControl) -> JobOutcome:
+        try:
+            request = parse_job_request(message.request)
+            if getattr(request, "mode", None) == "talking_head":
+                return self._talking_head(request, message, send, control)
+            sink = ArtifactSink(message.job_id, send)
+            reporter = _ProgressReporter(self, message, send, sdxl=self._sdxl())
+            previous_sink = self.engine.config.image_sink
+            self.engine.config.image_sink = sink
+            try:
+                result = self.engine.run(request, control=control, on_progress=reporter)
+            finally:
+                self.engine.config.image_sink = previous_sink
+            return JobOutcome(
+                state="done",
+                info=result.info(),
+                artifacts=[image.ref for image in result.images],
+                interrupted=result.interrupted,
+            )
+        except GenerationInterruptedError as exc:
+            return JobOutcome(state="cancelled", error=str(exc))
+        except (StudioError, ValueError) as exc:  # input problems and request validation
+            return JobOutcome(state="failed", error=str(exc))
+        except Exception as exc:
+            log.exception("job %s failed", message.job_id)
+            return JobOutcome(state="failed", error=f"internal error: {exc.__class__.__name__}: {exc}")
+
+    def _sdxl(self) -> bool:
+        current = self.engine.models.current
+        return bool(current is not None and current.family.is_sdxl)
+
+    def _talking_head(self, request: Any, message: RunJob, send: Send, control: JobControl) -> JobOutcome:
+        if self.talking_head is None:
+            raise ValueError("mode: talking-head jobs are not enabled in this studio")
+
+        def report(event: ProgressEvent) -> None:
+            if event.stage == "saved":
+                return
+            send(
+                JobEventMessage(
+                    job_id=message.job_id,
+                    progress=JobProgress(
+                        stage=event.stage,
+                        step=event.step,
+                        steps=event.steps,
+                        batch_index=event.batch_index,
+                        batch_count=event.batch_count,
+                        message=event.message,
+                        worker=self.worker_id,
+                        device=self.device,
+                    ),
+                )
+            )
+
+        result = self.talking_head.run(request, control=control, on_progress=report)
+        video_path, sidecar_path = Path(result.result.path), Path(result.result.sidecar)
+        try:
+            video = Artifact(
+                kind="video",
+                folder="talking-head",
+                extension=video_path.suffix.lstrip(".") or "mp4",
+                data=video_path.read_bytes(),
+                seed=result.result.seed,
+                stem=video_path.stem,
+            )
+            sidecar = Artifact(
+                kind="sidecar",
+                folder="talking-head",
+                extension="json",
+                data=sidecar_path.read_bytes(),
+                stem=sidecar_path.stem,
+                pairs_with=video.sha256,
+            )
+        finally:
+            if self.scratch_dir is not None:  # the head keeps the only copy
+                video_path.unlink(missing_ok=True)
+                sidecar_path.unlink(missing_ok=True)
+        send(ArtifactMessage(job_id=message.job_id, artifact=video))
+        send(ArtifactMessage(job_id=message.job_id, artifact=sidecar))
+        info = result.info()
+        info.update(video=video.ref, sidecar=sidecar.ref)
+        return JobOutcome(state="done", info=info, artifacts=[video.ref, sidecar.ref])
+
+    def close(self) -> None:
+        if self.scratch_dir is not None:
+            shutil.rmtree(self.scratch_dir, ignore_errors=True)
