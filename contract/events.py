@@ -51,3 +51,5 @@ class WorkerState(BaseModel):
     jobs_done: int = 0
     restarts: int = 0
     kind: Literal["process", "in-process"] = "process"
+    last_error: str | None = Field(None, description="Why the last model switch failed, if it did.")
+    answered: str | None = Field(None, description="request_id of the last model switch done.")

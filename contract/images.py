@@ -22,7 +22,6 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
-from contract.budget import check_pixels, checked_image_size, model_upscale_side_factor
 from contract.controlnet import ControlNetUnit
 
 MAX_SEED = 2**32 - 1

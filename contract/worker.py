@@ -39,6 +39,7 @@ class SetDefaultModel(BaseModel):
     checkpoint: str | None
     load: bool = False
     unload: bool = Field(False, description="Free the loaded checkpoints first.")
+    request_id: str = Field("", description="Echoed in ``WorkerState.answered`` once done.")
 
 
 class Shutdown(BaseModel):

@@ -474,8 +474,11 @@ def switch_checkpoint(context: ApiContext, name: str) -> None:
         raise HTTPException(status_code=400, detail=f"model {name!r} not found. {exc}") from None
     services = context.services
     with context.device_exclusive():
+        errors = services.workers.set_default_model(entry.filename, load=True)
+        if errors:
+            services.workers.set_default_model(services.selected_checkpoint, load=False)
+            raise HTTPException(status_code=400, detail=errors[0].partition(": ")[2])
         services.selected_checkpoint = entry.filename
-        services.workers.set_default_model(entry.filename, load=True)
 
 
 # --- catalogues (other modules may not be there yet in a given build) ---------------------------

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 PREFIX = "queue"
 REFRESH_SECONDS = 2.0
 MY_COLUMNS = ["Job", "Kind", "State", "Position", "Progress", "Prompt", "Submitted"]
-STUDIO_COLUMNS = ["Position", "Kind", "State", "Progress", "Owner"]
+STUDIO_COLUMNS = ["Position", "Kind", "State", "Progress", "Owner", "Worker"]
+WORKER_COLUMNS = ["Worker", "Device", "State", "Loaded model", "Jobs done", "Restarts"]
 PROMPT_PREVIEW = 80
 
 
@@ -65,9 +66,36 @@ def studio_queue(services: StudioServices, owner: str, limit: int = 200) -> list
             s.state,
             _progress(s),
             "you" if s.owner == owner else "another user",
+            s.worker or "",
         ]
         for s in active
     ]
+
+
+def worker_rows(services: StudioServices) -> list[list[Any]]:
+    """What each worker reports: its device, whether it is busy, starting or gone, its model."""
+    rows = []
+    for handle in services.workers.handles:
+        state = handle.state
+        if handle.current_job:
+            condition = "running a job"
+        elif handle.ready:
+            condition = "idle"
+        elif state.alive or handle.restarts == 0:
+            condition = "starting"
+        else:
+            condition = "stopped (crashed; restarting)"
+        rows.append(
+            [
+                handle.worker_id,
+                state.device,
+                condition,
+                state.current_checkpoint or "",
+                state.jobs_done,
+                handle.restarts,
+            ]
+        )
+    return rows
 
 
 def cancellable(services: StudioServices, owner: str) -> list[tuple[str, str]]:
@@ -83,8 +111,8 @@ class QueueTab:
     timer: Any  # ticks only while the Queue tab is open (see ``on_tab_selected``)
     auto: Any
     refresh: Any
-    tables: list[Any]  # [your jobs, studio queue]
-    refresh_lists: Callable[..., tuple[Any, Any]]  # event handler filling ``tables``
+    tables: list[Any]  # [your jobs, studio queue, workers]
+    refresh_lists: Callable[..., tuple[Any, Any, Any]]  # event handler filling ``tables``
 
     def on_tab_selected(self, selected: bool, auto_refresh: bool) -> Any:
         return gr.Timer(active=selected and bool(auto_refresh))
@@ -92,7 +120,7 @@ class QueueTab:
 
 def build(services: StudioServices) -> QueueTab:
     gr.Markdown(
-        "Jobs run one at a time per GPU, taking turns between users. "
+        "Jobs run one at a time per worker (one worker per GPU), taking turns between users. "
         "Your jobs are listed with their prompts; the studio queue shows everyone's jobs anonymously."
     )
     with gr.Row():
@@ -118,23 +146,30 @@ def build(services: StudioServices) -> QueueTab:
         interactive=False,
         elem_id=f"{PREFIX}_studio",
     )
+    gr.Markdown("### Workers (one per GPU; a crashed worker restarts and its job runs again)")
+    workers = gr.Dataframe(headers=WORKER_COLUMNS, value=[], interactive=False, elem_id=f"{PREFIX}_workers")
     timer = gr.Timer(REFRESH_SECONDS, active=False)
 
-    def refresh_tables(request: gr.Request) -> tuple[Any, Any, Any]:
+    def refresh_tables(request: gr.Request) -> tuple[Any, Any, Any, Any]:
         owner = job_owner(request)
         services.start_queue()
         choices = cancellable(services, owner)
         return (
             gr.update(value=my_jobs(services, owner)),
             gr.update(value=studio_queue(services, owner)),
+            gr.update(value=worker_rows(services)),
             gr.update(choices=choices, value=choices[0][1] if choices else None),
         )
 
-    def refresh_lists(request: gr.Request) -> tuple[Any, Any]:
+    def refresh_lists(request: gr.Request) -> tuple[Any, Any, Any]:
         owner = job_owner(request)
-        return gr.update(value=my_jobs(services, owner)), gr.update(value=studio_queue(services, owner))
+        return (
+            gr.update(value=my_jobs(services, owner)),
+            gr.update(value=studio_queue(services, owner)),
+            gr.update(value=worker_rows(services)),
+        )
 
-    def cancel_job(job_id: str | None, request: gr.Request) -> tuple[Any, Any, Any]:
+    def cancel_job(job_id: str | None, request: gr.Request) -> tuple[Any, Any, Any, Any]:
         owner = job_owner(request)
         status = services.queue.status(job_id) if job_id else None
         if status is None or status.owner != owner:
@@ -143,11 +178,11 @@ def build(services: StudioServices) -> QueueTab:
         return refresh_tables(request)
 
     quiet: dict[str, Any] = {"show_progress": "hidden", "concurrency_limit": None}
-    outputs = [mine, studio, to_cancel]
+    outputs = [mine, studio, workers, to_cancel]
     refresh.click(refresh_tables, outputs=outputs, **quiet)
-    timer.tick(refresh_lists, outputs=[mine, studio], **quiet)
+    timer.tick(refresh_lists, outputs=[mine, studio, workers], **quiet)
     cancel.click(cancel_job, inputs=to_cancel, outputs=outputs, **quiet)
     auto.change(lambda on: gr.Timer(active=on), inputs=auto, outputs=timer, queue=False)
     return QueueTab(
-        timer=timer, auto=auto, refresh=refresh, tables=[mine, studio], refresh_lists=refresh_lists
+        timer=timer, auto=auto, refresh=refresh, tables=[mine, studio, workers], refresh_lists=refresh_lists
     )

@@ -96,7 +96,8 @@ def request_from_form(values: dict[str, Any]) -> Any:
 def build(services: StudioServices) -> TalkingHeadTab:
     import gradio as gr
 
-    from app.ui.job_runner import describe_status, job_owner, user_message
+    from app.ui.job_runner import JobRunner, TabSession, job_owner, user_message
+    from pipelines.errors import StudioError
 
     gr.Markdown("Animate a portrait with a speech recording (SadTalker checkpoints in `models/SadTalker`).")
     with gr.Row():
@@ -178,32 +179,31 @@ def build(services: StudioServices) -> TalkingHeadTab:
             video = gr.Video(label="Result", elem_id="talking_head_video")
     job_state = gr.State(None)
 
+    runner = JobRunner(services)
+
     def run(data: dict[Any, Any], request: gr.Request) -> Iterator[dict[Any, Any]]:
+        """The same queue runner as the image tabs: position, stage progress, then the video."""
         from pydantic import ValidationError
 
         if not data[image] or not data[audio]:
             raise gr.Error("Choose a portrait and a speech recording first.")
+        session = TabSession()
         try:
             job = request_from_form({name: data[component] for name, component in form.items()})
-            job_id = services.start_queue().submit(job, owner=job_owner(request))
-        except (ValidationError, ValueError) as exc:
+            [job_id] = runner.submit(session, [job], job_owner(request))
+        except (ValidationError, ValueError, StudioError) as exc:
             raise gr.Error(user_message(exc)) from None
         yield {job_state: job_id, status: "Queued", video: None}
-        queue = services.queue
-        while True:
-            current = queue.wait(job_id, timeout=0.5)
-            line = describe_status(current)
-            if current.message and current.state == "running":
-                line = f"{current.message}: {line}"
-            if current.finished:
-                if current.state == "done" and current.images:
-                    saved = Path(current.images[0])
-                    shown = f"{saved.parent.name}/{saved.name}"
-                    yield {status: f"Done: saved to the outputs folder as {shown}", video: str(saved)}
-                else:
-                    yield {status: f"**{current.state}**: {current.error or 'no video'}"}
-                return
-            yield {status: line}
+        for update in runner.follow(session):
+            if not update.finished:
+                yield {status: update.text}
+                continue
+            saved = next((Path(item.path) for item in session.images if item.path.endswith(".mp4")), None)
+            if update.state == "done" and saved is not None:
+                shown = f"{saved.parent.name}/{saved.name}"
+                yield {status: f"Done: saved to the outputs folder as {shown}", video: str(saved)}
+            else:
+                yield {status: f"**{update.state}**: {update.error or update.text}"}
 
     def stop(job_id: str | None) -> str:
         if job_id:

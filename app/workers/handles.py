@@ -239,12 +239,12 @@ class InProcessWorkerHandle(WorkerHandle):
             if message is None:
                 return
             if isinstance(message, SetDefaultModel):
-                try:
-                    self.runtime.set_default_model(
-                        message.checkpoint, load=message.load, unload=message.unload
-                    )
-                except Exception as exc:  # a bad name must not end the worker
-                    log.warning("worker %s: cannot load %s: %s", self.worker_id, message.checkpoint, exc)
+                self.runtime.set_default_model(
+                    message.checkpoint,
+                    load=message.load,
+                    unload=message.unload,
+                    request_id=message.request_id,
+                )
                 self._deliver(StateMessage(state=self.runtime.state()))
                 continue
             if isinstance(message, RunJob):

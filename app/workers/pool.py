@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import threading
 import time
+import uuid
 from typing import TYPE_CHECKING
 
 from app.workers.handles import InProcessWorkerHandle, ProcessWorkerHandle, WorkerHandle, WorkerListener
@@ -126,19 +127,24 @@ class WorkerPool:
 
     def set_default_model(
         self, checkpoint: str | None, *, load: bool = True, unload: bool = False, timeout: float = 600.0
-    ) -> None:
-        """Every worker makes ``checkpoint`` its default (and loads it, between jobs); waits until the
-        workers report it loaded, or ``timeout``."""
-        before = {handle.worker_id: handle.state for handle in self.handles}
-        for handle in self.handles:
-            if handle.ready:
-                handle.send(SetDefaultModel(checkpoint=checkpoint, load=load, unload=unload))
-        if not load:
-            return
+    ) -> list[str]:
+        """Every ready worker makes ``checkpoint`` its default (loading it between jobs when
+        ``load``); waits up to ``timeout`` for their answers and returns the errors they report."""
+        ready = [handle for handle in self.handles if handle.ready]
+        request_id = uuid.uuid4().hex
+        for handle in ready:
+            handle.send(
+                SetDefaultModel(checkpoint=checkpoint, load=load, unload=unload, request_id=request_id)
+            )
         deadline = time.monotonic() + timeout
-        pending = {handle.worker_id for handle in self.handles if handle.ready}
+        pending = {handle.worker_id for handle in ready}
         while pending and time.monotonic() < deadline:
-            for handle in self.handles:
-                if handle.worker_id in pending and handle.state is not before[handle.worker_id]:
+            for handle in ready:
+                if handle.state.answered == request_id:
                     pending.discard(handle.worker_id)
-            time.sleep(0.05)
+            time.sleep(0.02)
+        return [
+            f"{handle.worker_id}: {handle.state.last_error}"
+            for handle in ready
+            if handle.worker_id not in pending and handle.state.last_error
+        ]

@@ -82,10 +82,9 @@ def worker_main(conn: Any, settings_json: str, worker_id: str, device: str) -> N
         if message is None:
             break
         if isinstance(message, SetDefaultModel):
-            try:
-                runtime.set_default_model(message.checkpoint, load=message.load, unload=message.unload)
-            except Exception as exc:  # a bad name must not end the worker
-                logging.getLogger(__name__).warning("cannot load %s: %s", message.checkpoint, exc)
+            runtime.set_default_model(
+                message.checkpoint, load=message.load, unload=message.unload, request_id=message.request_id
+            )
         elif isinstance(message, RunJob):
             if crash_marker and crash_marker in str(message.request.get("prompt", "")):
                 os.kill(os.getpid(), signal.SIGKILL)

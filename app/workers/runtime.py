@@ -123,6 +123,8 @@ class WorkerRuntime:
         self.kind = kind
         self.busy_job: str | None = None
         self.jobs_done = 0
+        self.last_error: str | None = None  # why the last model switch failed
+        self.answered: str | None = None  # request_id of the last model switch
         self._lock = threading.Lock()
 
     @classmethod
@@ -150,20 +152,31 @@ class WorkerRuntime:
             worker=self.worker_id,
             device=self.device,
             busy_job=self.busy_job,
-            loaded_checkpoints=[models.registry.title(item.entry) for item in models.loaded()],
-            current_checkpoint=models.registry.title(current.entry) if current is not None else None,
+            loaded_checkpoints=[item.entry.title(item.short_hash) for item in models.loaded()],
+            current_checkpoint=current.entry.title(current.short_hash) if current is not None else None,
             current_family=current.family.base if current is not None else None,
             jobs_done=self.jobs_done,
             kind="process" if self.kind == "process" else "in-process",
+            last_error=self.last_error,
+            answered=self.answered,
         )
 
-    def set_default_model(self, checkpoint: str | None, *, load: bool, unload: bool = False) -> None:
+    def set_default_model(
+        self, checkpoint: str | None, *, load: bool, unload: bool = False, request_id: str = ""
+    ) -> None:
+        """Make ``checkpoint`` the default; a failed load is reported in the state, not raised."""
         models = self.engine.models
-        models.default_checkpoint = checkpoint
+        self.last_error = None
+        self.answered = request_id
         if unload:
             models.unload_all()
         if load:
-            models.load(checkpoint)
+            try:
+                models.load(checkpoint)
+            except Exception as exc:  # a damaged or refused file must not end the worker
+                self.last_error = str(exc)
+                return
+        models.default_checkpoint = checkpoint
 
     def encode_preview(self, latents: Any, *, sdxl: bool, mode: str) -> bytes | None:
         if self.previewer is None:
@@ -260,15 +273,14 @@ class WorkerRuntime:
                 stem=sidecar_path.stem,
                 pairs_with=video.sha256,
             )
-        finally:
-            if self.scratch_dir is not None:  # the head keeps the only copy
-                video_path.unlink(missing_ok=True)
-                sidecar_path.unlink(missing_ok=True)
+        finally:  # the head writes the only copy (under the same name: remove ours first)
+            video_path.unlink(missing_ok=True)
+            sidecar_path.unlink(missing_ok=True)
         send(ArtifactMessage(job_id=message.job_id, artifact=video))
         send(ArtifactMessage(job_id=message.job_id, artifact=sidecar))
         info = result.info()
         info.update(video=video.ref, sidecar=sidecar.ref)
-        return JobOutcome(state="done", info=info, artifacts=[video.ref, sidecar.ref])
+        return JobOutcome(state="done", info=info, artifacts=[video.ref])
 
     def close(self) -> None:
         if self.scratch_dir is not None:

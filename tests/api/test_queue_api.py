@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,40 +15,48 @@ from PIL import Image
 
 from app.services import StudioServices
 from app.settings import StudioSettings
-from pipelines.errors import GenerationInterruptedError
-from pipelines.generation.engine import GenerationResult, SavedImage
-from pipelines.job_control import JobControl, ProgressEvent
+from app.workers.handles import InProcessWorkerHandle
+from app.workers.pool import WorkerPool
+from contract.artifacts import Artifact, JobOutcome
+from contract.events import JobProgress, WorkerState
+from contract.worker import ArtifactMessage, JobEventMessage, RunJob
+from pipelines.job_control import JobControl
 
 USERS = {"alice": "a-pass", "bob": "b-pass"}
 JOB = {"mode": "txt2img", "width": 64, "height": 64, "steps": 2}
 
 
-class GatedExecutor:
-    """Records prompts in the order jobs run; each job waits for ``gate`` (or an interrupt)."""
+class GatedRuntime:
+    """A worker's engines stand-in: records prompts in the order jobs run; each job waits for
+    ``gate`` (or an interrupt), then returns one image artifact."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    worker_id = "gated"
+    device = "cpu"
+
+    def __init__(self) -> None:
         self.order: list[str] = []
         self.gate = threading.Event()
         self.started = threading.Semaphore(0)
 
-    def execute(self, request: Any, *, control: JobControl | None = None, on_progress: Any = None) -> Any:
-        control = control or JobControl()
-        self.order.append(request.prompt)
-        if on_progress:
-            on_progress(ProgressEvent(stage="sampling", step=1, steps=4))
+    def state(self) -> WorkerState:
+        return WorkerState(worker=self.worker_id, device=self.device, kind="in-process")
+
+    def run(self, message: RunJob, send: Any, control: JobControl) -> JobOutcome:
+        self.order.append(message.request["prompt"])
+        send(JobEventMessage(job_id=message.job_id, progress=JobProgress(stage="sampling", step=1, steps=4)))
         self.started.release()
         while not self.gate.wait(0.02):
             if control.interrupted:
-                raise GenerationInterruptedError("Interrupted before any image was finished.")
-        path = self.folder / f"{len(self.order):05d}-1.png"
-        Image.new("RGB", (8, 8)).save(path)
-        image = SavedImage(path=path, seed=1, subseed=1, infotext="x", image=Image.new("RGB", (8, 8)))
-        return GenerationResult(images=[image], request=request)
+                return JobOutcome(state="cancelled", error="Interrupted before any image was finished.")
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+        artifact = Artifact(kind="image", folder="txt2img", extension="png", data=buffer.getvalue(), seed=1)
+        send(ArtifactMessage(job_id=message.job_id, artifact=artifact))
+        return JobOutcome(state="done", info={"images": [artifact.ref]}, artifacts=[artifact.ref])
 
 
 @pytest.fixture()
-def gated(tmp_path: Path) -> Iterator[tuple[TestClient, GatedExecutor, StudioServices]]:
+def gated(tmp_path: Path) -> Iterator[tuple[TestClient, GatedRuntime, StudioServices]]:
     from app.api import build_api_app
 
     settings = StudioSettings(
@@ -58,8 +67,8 @@ def gated(tmp_path: Path) -> Iterator[tuple[TestClient, GatedExecutor, StudioSer
     )
     services = StudioServices.create(settings)
     (tmp_path / "outputs").mkdir()
-    executor = GatedExecutor(tmp_path / "outputs")
-    services.executor = executor  # type: ignore[assignment]
+    executor = GatedRuntime()
+    services.workers = WorkerPool([InProcessWorkerHandle(executor)])  # type: ignore[arg-type]
     services.start_queue()
     client = TestClient(build_api_app(services, credentials=list(USERS.items())))
     try:
@@ -73,7 +82,7 @@ def submit(client: TestClient, user: str, prompt: str) -> Any:
     return client.post("/studio/v1/jobs", json={**JOB, "prompt": prompt}, auth=(user, USERS[user]))
 
 
-def test_full_queue_is_a_clear_429(gated: tuple[TestClient, GatedExecutor, StudioServices]) -> None:
+def test_full_queue_is_a_clear_429(gated: tuple[TestClient, GatedRuntime, StudioServices]) -> None:
     client, executor, _ = gated
     assert submit(client, "alice", "running").status_code == 202
     assert executor.started.acquire(timeout=30)
@@ -86,7 +95,7 @@ def test_full_queue_is_a_clear_429(gated: tuple[TestClient, GatedExecutor, Studi
 
 
 def test_users_take_turns_and_see_only_their_own_jobs(
-    gated: tuple[TestClient, GatedExecutor, StudioServices],
+    gated: tuple[TestClient, GatedRuntime, StudioServices],
 ) -> None:
     client, executor, services = gated
     first = submit(client, "alice", "a1").json()["id"]
@@ -109,7 +118,7 @@ def test_users_take_turns_and_see_only_their_own_jobs(
     assert executor.order == ["a1", "b1", "a2", "a3"]
 
 
-def test_cancel_a_waiting_job(gated: tuple[TestClient, GatedExecutor, StudioServices]) -> None:
+def test_cancel_a_waiting_job(gated: tuple[TestClient, GatedRuntime, StudioServices]) -> None:
     client, executor, services = gated
     alice = ("alice", USERS["alice"])
     submit(client, "alice", "runs")

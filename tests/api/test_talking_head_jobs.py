@@ -74,6 +74,8 @@ def api(sadtalker_models_root: Path, tmp_path_factory: pytest.TempPathFactory) -
         data_dir=work / "data",
         outputs_dir=work / "outputs",
         max_upload_mb=MAX_UPLOAD_MB,
+        in_process_workers=True,  # the gated generator below is swapped into this process's engine
+        device_ids=["cpu"],
     )
     services = StudioServices.create(settings)
     assert services.executor.talking_head is not None

@@ -164,7 +164,7 @@ def test_progress_shows_the_running_job_and_interrupt_stops_it(
     assert 0 < progress["progress"] < 1 and progress["eta_relative"] >= 0
     assert progress["state"]["job_count"] >= 1
     preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
-    assert preview.size == (32, 32)  # one pixel per latent (the tiny VAE downsamples by 2)
+    assert preview.width == preview.height >= 32  # the worker's live preview of the square job
     assert api.interrupt() == {}
     worker.join(120)
     result = outcome["result"]

@@ -7,7 +7,9 @@ real generator with the random-weight files costs ~15 s per 256-pixel frame on t
 not an option either. So the test process starts this module instead of ``launch.py``: it wraps
 ``TalkingHeadEngine.models`` to put ``tests.sadtalker.helpers.CheapGenerator`` in place of the
 generator it loaded (every other network stays the real one from the files), then runs
-``launch.main`` with the same arguments. Nothing else differs from a user's ``launch.py``.
+``launch.main`` with the same arguments plus ``--in-process-workers`` (the swap lives in this
+process; worker processes are tested in ``tests/test_workers.py``). Nothing else differs from a
+user's ``launch.py``.
 
 Run from the repository root: ``python -m tests.ui.talking_head_server --port ... [launch.py flags]``.
 """
@@ -38,4 +40,4 @@ if __name__ == "__main__":
     import launch
 
     use_cheap_generator()
-    sys.exit(launch.main(sys.argv[1:]))
+    sys.exit(launch.main([*sys.argv[1:], "--in-process-workers"]))

@@ -106,7 +106,12 @@ def fresh_services(tmp_path: Path):
     from app.settings import StudioSettings
 
     settings = StudioSettings(
-        models_dir=tmp_path / "models", data_dir=tmp_path / "data", outputs_dir=tmp_path / "out", port=9999
+        models_dir=tmp_path / "models",
+        data_dir=tmp_path / "data",
+        outputs_dir=tmp_path / "out",
+        port=9999,
+        in_process_workers=True,  # the worker's engine is this process's: its new config can be read
+        device_ids=["cpu"],
     )
     return StudioServices.create(settings)
 

@@ -1,6 +1,6 @@
 """``pipelines/`` and ``sadtalker/`` are libraries: importing any of their modules must not pull in
 the web UI (gradio), and importing ``pipelines`` must not pull in torch (the UI's first paint and
-``launch.py --help`` stay fast)."""
+``launch.py --help`` stay fast). The job contract imports nothing but pydantic."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _top_level(loaded: set[str]) -> set[str]:
 
 def test_pipelines_import_neither_gradio_nor_the_app_nor_torch() -> None:
     modules, loaded = _import_everything("pipelines")
-    assert "contract.images" in modules and "pipelines.generation.engine" in modules
+    assert "pipelines.outputs.saving" in modules and "pipelines.generation.engine" in modules
     top = _top_level(loaded)
     assert not top & {"gradio", "fastapi", "app"}, sorted(top & {"gradio", "fastapi", "app"})
     assert "torch" not in top, "a pipelines module imports torch at import time"
@@ -51,3 +51,22 @@ def test_sadtalker_imports_neither_gradio_nor_the_app() -> None:
     assert "sadtalker.engine" in modules
     top = _top_level(loaded)
     assert not top & {"gradio", "fastapi", "app"}, sorted(top & {"gradio", "fastapi", "app"})
+
+
+def test_the_job_contract_imports_only_pydantic() -> None:
+    """Validating or decoding a job (in the head, a worker, later a cluster node) needs no engine."""
+    modules, loaded = _import_everything("contract")
+    assert {"contract.jobs", "contract.worker", "contract.events", "contract.artifacts"} <= set(modules)
+    top = _top_level(loaded)
+    heavy = top & {
+        "torch",
+        "diffusers",
+        "transformers",
+        "gradio",
+        "fastapi",
+        "PIL",
+        "numpy",
+        "pipelines",
+        "app",
+    }
+    assert not heavy, sorted(heavy)
