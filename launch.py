@@ -34,6 +34,26 @@ def ensure_xformers(argv: list[str]) -> None:
     install_xformers(InstallOptions.from_argv(argv))
 
 
+def ensure_cluster_packages(argv: list[str]) -> None:
+    """``--cluster-head``/``--cluster-join``/``--cluster-address`` install Ray (pinned, from
+    requirements-cluster.txt) into ``.venv`` on first use, as ``--xformers`` does."""
+    import importlib.util
+
+    if not any(flag in argv for flag in ("--cluster-head", "--cluster-join", "--cluster-address")):
+        return
+    if importlib.util.find_spec("ray") is not None:
+        return
+    import subprocess
+
+    print("Studio cluster: installing Ray (requirements-cluster.txt) ...", flush=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "-r", str(ROOT / "requirements-cluster.txt")],
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit("Ray could not be installed; see pip's message above (the cluster needs it).")
+
+
 def print_gpu_notice(command: str | None) -> None:
     """Say at start when an NVIDIA GPU is present but PyTorch cannot use it (with the fix)."""
     if command in ("doctor", "download", "models"):
@@ -63,6 +83,18 @@ def studio_flags() -> argparse.ArgumentParser:
         "--api-auth", default=s, help="user:pass[,user2:pass2] for the REST API (HTTP Basic; default: --auth)"
     )
     g.add_argument("--max-upload-mb", type=float, default=s, help="largest request body in MB (default 50)")
+    g.add_argument(
+        "--max-pixels",
+        type=int,
+        default=s,
+        help="memory budget: most pixels an output or intermediate image may have (default: from RAM/VRAM)",
+    )
+    g.add_argument(
+        "--share-outputs",
+        action="store_true",
+        default=s,
+        help="with --api-auth, every user may fetch every output file (default: only their own)",
+    )
     g.add_argument(
         "--max-queued-jobs", type=int, default=s, help="waiting jobs beyond this get HTTP 429 (default 100)"
     )
@@ -123,6 +155,30 @@ def studio_flags() -> argparse.ArgumentParser:
     w.add_argument(
         "--max-job-attempts", type=int, default=s, help="runs of a job that crash its worker before it fails"
     )
+    c = flags.add_argument_group("studio cluster (Ray; see README 'Running a studio cluster')")
+    c.add_argument(
+        "--cluster-head",
+        action="store_true",
+        default=s,
+        help="this PC runs the studio and the cluster's head",
+    )
+    c.add_argument(
+        "--cluster-join", metavar="HEAD:PORT", default=s, help="run this PC as a node of that cluster"
+    )
+    c.add_argument("--cluster-token", default=s, help="the token the head printed (else data/cluster_token)")
+    c.add_argument(
+        "--cluster-address",
+        metavar="HEAD:PORT",
+        default=s,
+        help="use the workers of a Ray cluster started by hand",
+    )
+    c.add_argument(
+        "--cluster-shared-models",
+        action="store_true",
+        default=s,
+        help="every node reads --models-dir (shared)",
+    )
+    c.add_argument("--gpu-share", type=int, default=s, help="workers per GPU on each node (default 1)")
     return flags
 
 
@@ -138,6 +194,8 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
         "auth_file": "auth_file",
         "api_auth": "api_auth",
         "max_upload_mb": "max_upload_mb",
+        "max_pixels": "max_pixels",
+        "share_outputs": "share_outputs",
         "max_queued_jobs": "max_queued_jobs",
         "data_dir": "data_dir",
         "outputs_dir": "outputs_dir",
@@ -176,6 +234,9 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
         overrides["in_process_workers"] = True
     if given.get("max_job_attempts"):
         overrides["max_job_attempts"] = given["max_job_attempts"]
+    for name in ("cluster_address", "cluster_shared_models", "gpu_share"):
+        if given.get(name):
+            overrides[name] = given[name]
     return overrides
 
 
@@ -201,11 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     if not any(a in ("-h", "--help") for a in argv):
         ensure_environment(argv)
         ensure_xformers(argv)
+        ensure_cluster_packages(argv)
     sys.path.insert(0, str(ROOT))
     args = parse_args(argv)
     from app.settings import load_settings
 
     settings = load_settings(settings_overrides(args))
+    if settings.max_pixels is not None:
+        from contract.budget import set_max_pixels
+
+        set_max_pixels(settings.max_pixels)  # checked by every request model, in workers too
     if args.command or not getattr(args, "cli", False):
         print_gpu_notice(args.command)
     if args.command:
@@ -215,9 +281,25 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "cli", False):
         print("--cli: no web UI. Commands: generate, batch, models, download (see --help).")
         return 0
+    if getattr(args, "cluster_join", None):
+        from app.cluster.launcher import join
+
+        return join(settings, args.cluster_join, getattr(args, "cluster_token", None))
+    if getattr(args, "cluster_head", None):
+        from app.cluster.launcher import start_head, stop_node
+
+        settings = settings.model_copy(update={"cluster_address": start_head(settings)})
+        try:
+            return _serve(settings)
+        finally:
+            stop_node()
+    return _serve(settings)
+
+
+def _serve(settings: object) -> int:
     from app.server import serve
 
-    return serve(settings)
+    return serve(settings)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

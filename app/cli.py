@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
+from app.preset_commands import add_preset_commands, run_bot, run_preset
 from app.settings import StudioSettings
 from contract.images import REQUEST_TYPES, format_validation_error, parse_request
 from contract.jobs import parse_job_request
@@ -441,6 +442,7 @@ def build_parser(
         help="report GPU, PyTorch, models, disk and what looks wrong (for bug reports)",
     )
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_preset_commands(commands, shared)
     return parser
 
 
@@ -557,6 +559,8 @@ COMMANDS = {
     "models": run_models,
     "download": run_download,
     "doctor": run_doctor,
+    "preset": run_preset,
+    "bot": run_bot,
 }
 
 

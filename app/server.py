@@ -28,8 +28,11 @@ def serve(settings: StudioSettings, *, block: bool = True) -> int:
     from app.services import StudioServices
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ui_credentials = parse_credentials(settings.auth, settings.auth_file)
-    api_credentials = parse_credentials(settings.api_auth, flag="--api-auth") or ui_credentials
+    ui_credentials, api_credentials = studio_credentials(settings)
+    if settings.max_pixels is not None:
+        from contract.budget import set_max_pixels
+
+        set_max_pixels(settings.max_pixels)  # before any worker process starts: they inherit it
     serve_api = settings.api or settings.nowebui
     if settings.listen and not settings.nowebui and not ui_credentials:
         log.warning("--listen without --auth: anyone on your network can use this studio")
@@ -42,17 +45,39 @@ def serve(settings: StudioSettings, *, block: bool = True) -> int:
     if not serve_api:
         return _launch_ui_only(services, ui_credentials, block=block)
 
-    from app.api import build_api_app
-
-    app: Any = build_api_app(services, credentials=api_credentials)
-    if not settings.nowebui:
-        app = _mount_ui(app, services, ui_credentials)
+    app = build_served_app(services, ui_credentials, api_credentials)
     _run_uvicorn(app, settings, block=block)
     return 0
 
 
+def studio_credentials(settings: StudioSettings) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(UI credentials, API credentials)``: each side takes its own flag (``--auth``/``--auth-file``
+    for the UI, ``--api-auth`` for the API), else the other side's. So ``--api --api-auth u:p`` also
+    locks the mounted UI, whose routes (``/config``, ``/gradio_api/file=...``, the queue, uploads)
+    reach the same outputs and jobs as the API."""
+    ui_own = parse_credentials(settings.auth, settings.auth_file)
+    api_own = parse_credentials(settings.api_auth, flag="--api-auth")
+    return ui_own or api_own, api_own or ui_own
+
+
+def build_served_app(
+    services: StudioServices,
+    ui_credentials: list[tuple[str, str]],
+    api_credentials: list[tuple[str, str]],
+) -> Any:
+    """The app ``--api``/``--nowebui`` serve: the REST API, with the UI mounted at ``/`` unless
+    ``--nowebui``."""
+    from app.api import build_api_app
+
+    app: Any = build_api_app(services, credentials=api_credentials)
+    if not services.settings.nowebui:
+        app = _mount_ui(app, services, ui_credentials)
+    return app
+
+
 def _launch_ui_only(services: StudioServices, credentials: list[tuple[str, str]], *, block: bool) -> int:
     from app.ui import build_ui
+    from app.ui_file_guard import output_guard_kwargs
 
     settings = services.settings
     demo = build_ui(services)
@@ -68,6 +93,7 @@ def _launch_ui_only(services: StudioServices, credentials: list[tuple[str, str]]
         show_error=False,
         quiet=False,
         run_history=False,  # never keep users' inputs and images in browser storage
+        app_kwargs=output_guard_kwargs(services, credentials),
     )
     return 0
 
@@ -76,13 +102,14 @@ def _mount_ui(app: Any, services: StudioServices, credentials: list[tuple[str, s
     import gradio as gr
 
     from app.ui import build_ui
+    from app.ui_file_guard import output_guard_kwargs
 
     settings = services.settings
     if settings.share:
         log.warning("--share is not available together with --api; serving on %s only", settings.host)
     demo = build_ui(services)
     demo.queue(default_concurrency_limit=1)
-    return gr.mount_gradio_app(
+    app = gr.mount_gradio_app(
         app,
         demo,
         path="/",
@@ -91,7 +118,48 @@ def _mount_ui(app: Any, services: StudioServices, credentials: list[tuple[str, s
         max_file_size=f"{settings.max_upload_mb:g}mb",
         show_error=False,
         run_history=False,
+        app_kwargs=output_guard_kwargs(services, credentials),
     )
+    for route in app.router.routes:
+        if getattr(route, "path", None) == "" and hasattr(route, "app"):  # the Mount at "/"
+            route.app = GradioErrorBoundary(route.app)
+    return app
+
+
+class GradioErrorBoundary:
+    """Keeps an exception inside the mounted Gradio app from reaching the API's error handlers.
+
+    Gradio answers its own routes (``/gradio_api/...``), a failure included (its error middleware
+    sends its own status), then re-raises; without this boundary the API's handlers would take
+    the exception for an API error and log it as one. Here it is logged once, as Gradio's, and
+    answered with a plain 500 only if Gradio had not answered yet.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            if message.get("type") == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.warning("Gradio error on %s", scope.get("path"), exc_info=True)
+            if scope.get("type") == "http" and not started:
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+                    }
+                )
+                await send({"type": "http.response.body", "body": b"Internal Server Error"})
 
 
 def _run_uvicorn(app: Any, settings: StudioSettings, *, block: bool) -> None:

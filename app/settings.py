@@ -25,6 +25,10 @@ class StudioSettings(BaseSettings):
     data_dir: Path = Field(REPO_ROOT / "data", description="Job store, caches and config.json.")
     outputs_dir: Path = Field(REPO_ROOT / "outputs", description="Where every finished image is written.")
     models_dir: Path = Field(REPO_ROOT / "models", description="A1111-style model folders.")
+    presets_dir: Path = Field(REPO_ROOT / "presets", description="Job presets, one YAML file each.")
+    max_photo_mb: float = Field(
+        20.0, gt=0, le=1024, description="Largest photo (JPEG, PNG, WebP, HEIC) a preset run accepts, in MB."
+    )
     ckpt_dir: Path | None = None
     vae_dir: Path | None = None
     lora_dir: Path | None = None
@@ -71,6 +75,17 @@ class StudioSettings(BaseSettings):
     max_upload_mb: float = Field(
         50.0, gt=0, le=4096, description="Largest request body (uploads, base64 images) accepted, in MB."
     )
+    max_pixels: int | None = Field(
+        None,
+        gt=0,
+        description="Memory budget: most pixels an output or intermediate image may have (default: "
+        "derived from RAM and GPU memory; see contract/budget.py). Env: SDSTUDIO_MAX_PIXELS.",
+    )
+    share_outputs: bool = Field(
+        False,
+        description="With auth on, let every user fetch every output file (default: only the user "
+        "whose job made it).",
+    )
     device_ids: list[str] | None = Field(
         None,
         description="Devices to run jobs on, one worker each (cuda:0, cuda:1, cpu...); default: every "
@@ -85,6 +100,17 @@ class StudioSettings(BaseSettings):
     worker_torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch threads per worker process (default: torch's own choice)."
     )
+    cluster_address: str | None = Field(
+        None,
+        description="Run jobs on the workers of this Ray cluster (host:port of its head) instead of local "
+        "worker processes; set by --cluster-head, or given to use a cluster started by hand.",
+    )
+    cluster_shared_models: bool = Field(
+        False,
+        description="Every cluster node reads the models folder these settings name (one shared copy for "
+        "the studio), instead of its own models/ folder.",
+    )
+    gpu_share: int = Field(1, ge=1, le=8, description="Workers per GPU on cluster nodes (--gpu-share K).")
 
     @property
     def config_file(self) -> Path:

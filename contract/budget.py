@@ -275,14 +275,24 @@ def _open_size(source: Any) -> tuple[int, int] | None:
 
 
 def checked_image_size(field: str, value: Any) -> tuple[int, int] | None:
-    """:func:`image_size`, with the image itself checked against the budget (named ``field``)."""
+    """:func:`image_size`, with the image itself checked (named ``field``) against the budget and
+    against PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, ~89 megapixels), whichever
+    is lower: an image given to a job is decoded whole, and only resized down from there, so pixels
+    beyond that limit are a risk and never a benefit."""
     try:
         size = image_size(value)
     except ImageTooLargeToOpen:
+        size = None
+        too_large = True
+    else:
+        too_large = size is not None and size[0] * size[1] > _pil_limit()
+    if too_large:
+        shown = f"{size[0]}x{size[1]} " if size else ""
         raise BudgetExceededError(
-            f"{field}: the image has too many pixels to open safely (over twice PIL's limit of "
-            f"{_pil_limit()} pixels), over this studio's memory budget of {current_budget().describe()}."
-        ) from None
+            f"{field}: the image {shown}has more pixels than an input image may have "
+            f"({_pil_limit() / 1e6:.1f} megapixels, PIL's decompression-bomb limit). Send a smaller "
+            "image: it is resized to the job's size anyway."
+        )
     if size is not None:
         check_pixels(field, "the image", *size)
     return size
@@ -291,7 +301,7 @@ def checked_image_size(field: str, value: Any) -> tuple[int, int] | None:
 def _pil_limit() -> int:
     from PIL import Image
 
-    return int(Image.MAX_IMAGE_PIXELS or 0)
+    return int(Image.MAX_IMAGE_PIXELS or 2**62)
 
 
 def wav_duration_seconds(value: Any) -> float | None:

@@ -43,6 +43,7 @@ class WorkerState(BaseModel):
     worker: str
     device: str
     pid: int | None = None
+    host: str | None = Field(None, description="The PC the worker runs on (cluster workers).")
     alive: bool = True
     busy_job: str | None = None
     loaded_checkpoints: list[str] = Field(default_factory=list)
@@ -50,6 +51,6 @@ class WorkerState(BaseModel):
     current_family: str | None = None
     jobs_done: int = 0
     restarts: int = 0
-    kind: Literal["process", "in-process"] = "process"
+    kind: Literal["process", "in-process", "ray"] = "process"
     last_error: str | None = Field(None, description="Why the last model switch failed, if it did.")
     answered: str | None = Field(None, description="request_id of the last model switch done.")

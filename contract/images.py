@@ -22,6 +22,7 @@ from pydantic import (
 )
 from typing_extensions import TypedDict
 
+from contract.budget import check_pixels, checked_image_size, model_upscale_side_factor
 from contract.controlnet import ControlNetUnit
 
 MAX_SEED = 2**32 - 1
@@ -52,8 +53,12 @@ class OverrideSettings(TypedDict, total=False):
     sd_model_checkpoint: SettingName
     sd_vae: SettingName
     face_restoration_model: SettingName
-    CLIP_stop_at_last_layers: Annotated[int | None, BeforeValidator(_not_a_bool), Field(ge=1, le=12)]
-    eta_noise_seed_delta: Annotated[int | None, BeforeValidator(_not_a_bool), Field(ge=0, le=MAX_SEED)]
+    CLIP_stop_at_last_layers: Annotated[
+        Annotated[int, Field(ge=1, le=12)] | None, BeforeValidator(_not_a_bool)
+    ]
+    eta_noise_seed_delta: Annotated[
+        Annotated[int, Field(ge=0, le=MAX_SEED)] | None, BeforeValidator(_not_a_bool)
+    ]
 
 
 class GenerationRequest(BaseModel):
@@ -184,6 +189,15 @@ class GenerationRequest(BaseModel):
             object.__setattr__(self, "clip_skip", int(clip_override))
         return self
 
+    @model_validator(mode="after")
+    def _within_memory_budget(self) -> GenerationRequest:
+        """Output size and every image given, against the memory budget (``contract/budget.py``)."""
+        check_pixels("width", "the image", self.width, self.height)
+        for index, unit in enumerate(self.controlnet_units):
+            if unit.enabled and unit.image:
+                checked_image_size(f"controlnet_units.{index}.image", unit.image)
+        return self
+
     @property
     def effective_sampler(self) -> str:
         """A1111 reads ``sampler_name`` first and falls back to the legacy ``sampler_index``."""
@@ -224,6 +238,25 @@ class Txt2ImgRequest(GenerationRequest):
     denoising_strength: float | None = Field(None, ge=0.0, le=1.0)
     firstphase_width: int = 0
     firstphase_height: int = 0
+
+    @property
+    def hires_size(self) -> tuple[int, int]:
+        """The second pass's size, as A1111 computes it: ``hr_resize_x/y`` when given (one of them
+        alone keeps the aspect ratio), else the first pass's size times ``hr_scale``."""
+        if not self.hr_resize_x and not self.hr_resize_y:
+            return int(self.width * self.hr_scale), int(self.height * self.hr_scale)
+        if not self.hr_resize_y:
+            return self.hr_resize_x, self.hr_resize_x * self.height // self.width
+        if not self.hr_resize_x:
+            return self.hr_resize_y * self.width // self.height, self.hr_resize_y
+        return self.hr_resize_x, self.hr_resize_y
+
+    @model_validator(mode="after")
+    def _hires_within_memory_budget(self) -> Txt2ImgRequest:
+        if self.enable_hr:
+            field = "hr_resize_x" if self.hr_resize_x or self.hr_resize_y else "hr_scale"
+            check_pixels(field, "the hires fix's second pass", *self.hires_size)
+        return self
 
 
 def format_validation_error(error: ValidationError) -> str:
@@ -283,6 +316,22 @@ class Img2ImgRequest(GenerationRequest):
             object.__setattr__(self, "mask_blur_y", self.mask_blur)
         return self
 
+    @model_validator(mode="after")
+    def _images_within_memory_budget(self) -> Img2ImgRequest:
+        """Init images, mask and the outpainted canvas against the memory budget, from the images'
+        headers (nothing is decoded)."""
+        grow_w = self.outpaint_left + self.outpaint_right
+        grow_h = self.outpaint_up + self.outpaint_down
+        if self.outpainting:
+            check_pixels("outpaint_left", "the outpainted canvas", self.width + grow_w, self.height + grow_h)
+        for index, image in enumerate(self.init_images):
+            size = checked_image_size(f"init_images.{index}", image)
+            if size is not None and self.outpainting:
+                check_pixels("outpaint_left", "the outpainted canvas", size[0] + grow_w, size[1] + grow_h)
+        if self.mask:
+            checked_image_size("mask", self.mask)
+        return self
+
     @property
     def outpainting(self) -> bool:
         return any((self.outpaint_left, self.outpaint_right, self.outpaint_up, self.outpaint_down))
@@ -328,6 +377,48 @@ class ExtrasRequest(BaseModel):
     sd_upscale_seed: int = Field(
         0, ge=RANDOM_SEED, le=MAX_SEED, description="SD x4 upscaler: seed (same seed, same image); -1 random."
     )
+
+    @model_validator(mode="after")
+    def _within_memory_budget(self) -> ExtrasRequest:
+        """The input image (from its header), the upscaled output and each upscaler's intermediate
+        image against the memory budget, before anything is decoded or allocated."""
+        size = checked_image_size("image", self.image)
+        upscalers = [name for name in (self.upscaler_1, self.upscaler_2) if name and name != "None"]
+        if not upscalers:
+            return self  # no upscale: the engine returns the image at its own size
+        if self.resize_mode == 0:
+            if size is None:
+                return self
+            field = "upscaling_resize"
+            factor = self.upscaling_resize
+            output = (size[0] * factor, size[1] * factor)
+        else:
+            field = "upscaling_resize_w"
+            output = (self.upscaling_resize_w, self.upscaling_resize_h)
+            if size is None:
+                check_pixels(field, "the upscaled image", *output)
+                return self
+            factor = max(output[0] / size[0], output[1] / size[1])
+        check_pixels(field, "the upscaled image", *output)
+        for name in upscalers:
+            side = _upscaler_intermediate_factor(name, factor)
+            if side > factor:
+                which = "upscaler_1" if name == self.upscaler_1 else "upscaler_2"
+                check_pixels(
+                    which, f"'{name}' works at an intermediate size that", size[0] * side, size[1] * side
+                )
+        return self
+
+
+def _upscaler_intermediate_factor(name: str, factor: float) -> float:
+    """How much larger than the input an upscaler's largest image gets on the way to ``factor``:
+    Lanczos/Nearest resize directly, an SD x4 upscaler runs once at 4x, a model upscaler repeats its
+    native scale (taken as 4x, the usual one: the model is not opened to validate a request)."""
+    if name in ("Lanczos", "Nearest"):
+        return factor
+    if name.startswith("SD x4"):
+        return max(factor, 4.0)
+    return max(factor, model_upscale_side_factor(factor))
 
 
 JobRequest = Txt2ImgRequest | Img2ImgRequest | ExtrasRequest

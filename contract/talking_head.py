@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from contract.budget import check_audio_seconds, checked_image_size, wav_duration_seconds
 
 MAX_SEED = 2**32 - 1
 # The reference's UI slider stops at 3 but its CLI takes any float; beyond ~10 the face tears apart.
@@ -59,3 +61,14 @@ class TalkingHeadRequest(BaseModel):
     input_roll: list[float] | None = Field(
         None, min_length=1, description="Head roll path in degrees: the head turns through these angles."
     )
+
+    @model_validator(mode="after")
+    def _within_memory_budget(self) -> TalkingHeadRequest:
+        """The portrait's size (from its header) and, for a WAV, the speech's length against the
+        memory budget (``contract/budget.py``); other audio formats are measured where they are
+        decoded (the API does so with ffmpeg before decoding)."""
+        checked_image_size("image", self.image)
+        seconds = wav_duration_seconds(self.audio)
+        if seconds is not None:
+            check_audio_seconds("audio", seconds)
+        return self

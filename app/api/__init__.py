@@ -28,9 +28,11 @@ def build_api_app(services: StudioServices, *, credentials: list[tuple[str, str]
     from app.api.controlnet_routes import controlnet_router
     from app.api.errors import install_error_handlers
     from app.api.files import files_router
-    from app.api.limits import BodySizeLimit
+    from app.api.limits import BodySizeLimit, NoLocalFileReads
+    from app.api.preset_routes import preset_router
     from app.api.security import ApiAuth
     from app.api.studio_routes import studio_router
+    from app.discord.interactions import discord_router
     from pipelines.generation.engine import ENGINE_VERSION
 
     context = ApiContext(services=services, auth=ApiAuth(list(credentials or [])))
@@ -46,6 +48,8 @@ def build_api_app(services: StudioServices, *, credentials: list[tuple[str, str]
     install_error_handlers(app)
     for router in (a1111_router, controlnet_router, studio_router, files_router):
         app.include_router(router(context))
+    app.include_router(preset_router(context))
+    app.include_router(discord_router(services))  # signed by Discord, not HTTP Basic
 
     guard = [Depends(context.auth.require_user)]
 
@@ -59,4 +63,5 @@ def build_api_app(services: StudioServices, *, credentials: list[tuple[str, str]
 
     max_bytes = int(services.settings.max_upload_mb * 1024 * 1024)
     app.add_middleware(BodySizeLimit, max_bytes=max_bytes)
+    app.add_middleware(NoLocalFileReads)
     return app

@@ -95,3 +95,25 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+API_PREFIXES = ("/sdapi/", "/studio/", "/controlnet/")
+
+
+class NoLocalFileReads:
+    """While an API request is handled, request models measure only the images and audio sent
+    in it, never a file a field names (``contract.budget.local_files_unreadable``): a client must
+    not make the server open, or reveal the size of, a path of its choosing. The UI's routes
+    (whose uploads are files the server itself stored) are left as they are."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from contract.budget import local_files_unreadable
+
+        if scope["type"] != "http" or not str(scope.get("path", "")).startswith(API_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        with local_files_unreadable():
+            await self.app(scope, receive, send)

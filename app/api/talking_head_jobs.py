@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,14 +114,48 @@ def stage_audio(value: Any, folder: Path) -> Path:
 
     path = folder / "speech.audio"  # ffmpeg tells the format from the contents
     path.write_bytes(decode_upload(value, field="audio"))
+    check_speech_length(probe_audio_seconds(path))  # before decoding: a small file can hold hours
     try:
-        load_audio(path)
+        decoded = load_audio(path)
     except AudioFileError as exc:
         # The messages name the file; here that is our copy, which the client never saw.
         message = str(exc).replace(str(path), "the upload").replace(f"Audio file {path.name}", "The file")
         message = message.replace(path.name, "The file")
         raise UploadFieldError("audio", message) from None
+    check_speech_length(decoded.duration)  # containers whose header gave no duration
     return path
+
+
+_DURATION = re.compile(r"Duration:\s*(\d+):(\d{2}):(\d{2}(?:\.\d+)?)")
+
+
+def probe_audio_seconds(path: Path) -> float | None:
+    """The length ffmpeg reads from the file's header, without decoding it (None: not stated)."""
+    from sadtalker.ffmpeg import ffmpeg_executable
+
+    completed = subprocess.run(
+        [ffmpeg_executable(), "-nostdin", "-hide_banner", "-i", str(path)],
+        capture_output=True,
+        check=False,
+        timeout=60,
+    )
+    match = _DURATION.search(completed.stderr.decode("utf-8", errors="replace"))
+    if match is None:
+        return None
+    hours, minutes, seconds = match.groups()
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def check_speech_length(seconds: float | None) -> None:
+    """UploadFieldError (422 on ``audio``) when the speech is longer than the memory budget allows."""
+    from contract.budget import BudgetExceededError, check_audio_seconds
+
+    if seconds is None:
+        return
+    try:
+        check_audio_seconds("audio", seconds)
+    except BudgetExceededError as exc:
+        raise UploadFieldError("audio", str(exc).removeprefix("audio: ")) from None
 
 
 def stage_talking_head_request(body: TalkingHeadApiRequest, folder: Path) -> TalkingHeadRequest:

@@ -271,3 +271,20 @@ class JobStore:
         with self._lock:
             rows = self._db.execute(query, (*params, limit)).fetchall()
         return [JobRecord.from_row(row) for row in rows]
+
+    def owner_of_output(self, path: str | Path) -> str | None:
+        """The owner of the newest job that wrote ``path`` (its recorded outputs, result images or
+        talking-head sidecar), or None when no job did. ``path`` matches as given and resolved."""
+        candidates = sorted({str(path), str(Path(path).resolve())})
+        marks = ", ".join("?" for _ in candidates)
+        query = f"""
+            SELECT owner FROM jobs
+            WHERE EXISTS (SELECT 1 FROM json_each(jobs.outputs) WHERE value IN ({marks}))
+               OR (result IS NOT NULL AND (
+                   EXISTS (SELECT 1 FROM json_each(jobs.result, '$.images') WHERE value IN ({marks}))
+                   OR json_extract(jobs.result, '$.info.sidecar') IN ({marks})))
+            ORDER BY seq DESC LIMIT 1
+        """
+        with self._lock:
+            row = self._db.execute(query, (*candidates, *candidates, *candidates)).fetchone()
+        return str(row["owner"]) if row else None

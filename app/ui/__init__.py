@@ -53,7 +53,16 @@ def _build_gpu_notice() -> None:
 def build_ui(services: StudioServices) -> Any:
     import gradio as gr
 
-    from app.ui import extras_tab, img2img_tab, png_info_tab, queue_tab, send_to, settings_tab, txt2img_tab
+    from app.ui import (
+        extras_tab,
+        img2img_tab,
+        png_info_tab,
+        presets_tab,
+        queue_tab,
+        send_to,
+        settings_tab,
+        txt2img_tab,
+    )
 
     services.start_queue()
     with gr.Blocks(title="SD Studio") as demo:
@@ -72,6 +81,8 @@ def build_ui(services: StudioServices) -> Any:
                 "talking_head"
             ]:
                 talking_head_image = _build_talking_head(services)
+            with gr.Tab("Presets", id="presets", elem_id="tab_presets") as pages["presets"]:
+                presets_tab.build(services)
             with gr.Tab("Settings", id="settings", elem_id="tab_settings") as pages["settings"]:
                 settings_tab.build(services)
             with gr.Tab("Queue", id="queue", elem_id="tab_queue") as pages["queue"]:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from app.ui import controlnet_units, generation_controls, results_panel
+from app.ui import controlnet_units, generation_controls, presets_tab, results_panel
 from app.ui.generation_controls import GenerationControls, slider
 from app.ui.images import encode_png, flatten
 from app.ui.job_runner import GPU_CONCURRENCY_ID, GPU_EVENT_LIMIT
@@ -220,18 +220,24 @@ def build(services: StudioServices) -> Img2ImgTab:
             controlnet = controlnet_units.build(
                 services, PREFIX, width=controls.width, height=controls.height
             )
+            save_as_preset = presets_tab.build_save_as_preset(PREFIX)
         with gr.Column(scale=1):
             panel = results_panel.build(PREFIX)
 
     image_inputs = {"init_image": init_image, "sketch": sketch, "inpaint": inpaint}
     image_inputs |= {"inpaint_image": inpaint_image, "inpaint_mask": inpaint_mask}
 
+    def request_values(data: dict[Any, Any]) -> dict[str, Any]:
+        """The request's settings, without the source image and mask."""
+        values = controls.request_values(data)
+        values.update(controlnet.request_values(data, Img2ImgRequest))
+        return values
+
     def generate_images(data: dict[Any, Any], request: gr.Request) -> Any:
         def build_requests() -> list[Any]:
             active = data[mode]
             image, mask = source_images(active, {key: data[c] for key, c in image_inputs.items()})
-            values = controls.request_values(data)
-            values.update(controlnet.request_values(data, Img2ImgRequest))
+            values = request_values(data)
             values["init_images"] = [encode_png(image)]
             values["mask"] = encode_png(mask) if mask is not None else None
             return [Img2ImgRequest(**values)]
@@ -262,6 +268,9 @@ def build(services: StudioServices) -> Img2ImgTab:
         show_progress="hidden",
     )
     wire_run_controls(runner, panel, controls, interrupt, skip)
+    presets_tab.wire_save_as_preset(
+        services, save_as_preset, "img2img", request_values, {*controls.inputs, *controlnet.inputs}
+    )
     return Img2ImgTab(
         controls=controls,
         panel=panel,

@@ -81,6 +81,8 @@ def worker_rows(services: StudioServices) -> list[list[Any]]:
             condition = "running a job"
         elif handle.ready:
             condition = "idle"
+        elif getattr(handle, "node_alive", True) is False:
+            condition = "gone (its PC left the cluster)"
         elif state.alive or handle.restarts == 0:
             condition = "starting"
         else:
@@ -88,7 +90,7 @@ def worker_rows(services: StudioServices) -> list[list[Any]]:
         rows.append(
             [
                 handle.worker_id,
-                state.device,
+                f"{state.device} on {state.host}" if state.host else state.device,
                 condition,
                 state.current_checkpoint or "",
                 state.jobs_done,

@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from app.ui import controlnet_units, download_panel, generation_controls, results_panel, styles_panel
+from app.ui import (
+    controlnet_units,
+    download_panel,
+    generation_controls,
+    presets_tab,
+    results_panel,
+    styles_panel,
+)
 from app.ui.generation_controls import GenerationControls, field_range, slider
 from app.ui.job_runner import GPU_CONCURRENCY_ID, GPU_EVENT_LIMIT, JobRunner, TabSession
 from app.ui.results_panel import ResultsPanel
@@ -173,17 +180,21 @@ def build(services: StudioServices) -> Txt2ImgTab:
                 ),
                 refreshed=checkpoint,
             )
+            save_as_preset = presets_tab.build_save_as_preset(PREFIX)
         with gr.Column(scale=1):
             panel = results_panel.build(PREFIX)
 
+    def request_values(data: dict[Any, Any]) -> dict[str, Any]:
+        values = controls.request_values(data)
+        if not values.get("enable_hr"):
+            for name in HIRES_FIELDS:
+                values.pop(name, None)
+        values.update(controlnet.request_values(data, Txt2ImgRequest))
+        return values
+
     def generate_images(data: dict[Any, Any], request: gr.Request) -> Any:
         def build_requests() -> list[Any]:
-            values = controls.request_values(data)
-            if not values.get("enable_hr"):
-                for name in HIRES_FIELDS:
-                    values.pop(name, None)
-            values.update(controlnet.request_values(data, Txt2ImgRequest))
-            return [Txt2ImgRequest(**values)]
+            return [Txt2ImgRequest(**request_values(data))]
 
         yield from panel.stream(runner, data[panel.state], build_requests, request)
 
@@ -197,4 +208,7 @@ def build(services: StudioServices) -> Txt2ImgTab:
         api_name="txt2img",
     )
     wire_run_controls(runner, panel, controls, interrupt, skip)
+    presets_tab.wire_save_as_preset(
+        services, save_as_preset, "txt2img", request_values, {*controls.inputs, *controlnet.inputs}
+    )
     return Txt2ImgTab(controls=controls, panel=panel, generate=generate, interrupt=interrupt, skip=skip)

@@ -64,6 +64,12 @@ class WorkerPool:
     @classmethod
     def from_settings(cls, services: StudioServices) -> WorkerPool:
         settings = services.settings
+        if settings.cluster_address:
+            from app.cluster.pool import ClusterWorkerPool, connect
+            from app.cluster.security import joining_token
+
+            connect(settings.cluster_address, joining_token(settings.data_dir, None))
+            return ClusterWorkerPool(settings)
         devices = list(settings.device_ids or detect_devices())
         ids = _worker_ids(devices)
         if settings.in_process_workers:

@@ -156,7 +156,7 @@ class WorkerRuntime:
             current_checkpoint=current.entry.title(current.short_hash) if current is not None else None,
             current_family=current.family.base if current is not None else None,
             jobs_done=self.jobs_done,
-            kind="process" if self.kind == "process" else "in-process",
+            kind=self.kind if self.kind in ("process", "ray") else "in-process",  # type: ignore[arg-type]
             last_error=self.last_error,
             answered=self.answered,
         )

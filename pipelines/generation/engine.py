@@ -80,12 +80,31 @@ class GenerationResult:
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
+    model_name: str | None = None
+    model_hash: str | None = None
+    vae_name: str | None = None
+    vae_hash: str | None = None
+    extra_generation_params: dict[str, Any] = field(default_factory=dict)
+    inpainting_conditioning: bool = False
+    """The checkpoint is an inpainting model (9-channel UNet), so the mask and masked image condition it."""
 
     def info(self) -> dict[str, Any]:
-        """A1111's ``info`` object (returned JSON-encoded by ``/sdapi/v1/txt2img``)."""
+        """A1111's ``info`` object (returned JSON-encoded by ``/sdapi/v1/txt2img``), with the keys and
+        value types of A1111 1.10's ``Processed.js()``."""
         req = self.request
         first = self.images[0] if self.images else None
+        extra = {
+            str(key): value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
+            for key, value in self.extra_generation_params.items()
+        }
         info: dict[str, Any] = {
+            "index_of_first_image": 0,  # no grid is ever put before the images
+            "sd_model_name": self.model_name,
+            "sd_model_hash": self.model_hash,
+            "sd_vae_name": self.vae_name,
+            "sd_vae_hash": self.vae_hash,
+            "extra_generation_params": extra,
+            "is_using_inpainting_conditioning": self.inpainting_conditioning,
             "all_seeds": [img.seed for img in self.images],
             "all_subseeds": [img.subseed for img in self.images],
             "infotexts": [img.infotext for img in self.images],
@@ -113,6 +132,11 @@ class GenerationResult:
                 batch_size=req.batch_size,
                 clip_skip=req.clip_skip,
                 denoising_strength=getattr(req, "denoising_strength", None),
+                styles=list(req.styles),
+                restore_faces=req.restore_faces,
+                face_restoration_model=req.face_restoration_model if req.restore_faces else None,
+                seed_resize_from_w=req.seed_resize_from_w,
+                seed_resize_from_h=req.seed_resize_from_h,
             )
         return info
 
@@ -304,6 +328,12 @@ class ImageEngine:
             notes=notes,
             interrupted=control.interrupted,
             seconds=time.perf_counter() - started,
+            model_name=loaded.entry.name,
+            model_hash=loaded.short_hash,
+            vae_name=vae[0] if vae else None,
+            vae_hash=(vae[1] or None) if vae else None,
+            extra_generation_params=dict(job.extra_infotext),
+            inpainting_conditioning=loaded.family.variant == "inpaint",
         )
         if control.interrupted and not images:
             raise GenerationInterruptedError("Interrupted before any image was finished.")

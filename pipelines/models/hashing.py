@@ -41,9 +41,13 @@ class HashCache:
         self._file = cache_file
         self._lock = threading.Lock()
         self._entries: dict[str, dict[str, object]] | None = None
+        self._file_stamp: tuple[int, float] | None = None
 
     def _load(self) -> dict[str, dict[str, object]]:
-        if self._entries is None:
+        """The entries, read again when another process (a worker) has rewritten the file since."""
+        stamp = self._current_file_stamp()
+        if self._entries is None or (stamp is not None and stamp != self._file_stamp):
+            self._file_stamp = stamp
             self._entries = {}
             if self._file is not None and self._file.is_file():
                 try:
@@ -53,6 +57,15 @@ class HashCache:
                 except (OSError, ValueError):
                     self._entries = {}
         return self._entries
+
+    def _current_file_stamp(self) -> tuple[int, float] | None:
+        if self._file is None:
+            return None
+        try:
+            stat = self._file.stat()
+        except OSError:
+            return None
+        return stat.st_size, stat.st_mtime
 
     @staticmethod
     def _stamp(path: Path) -> tuple[int, float]:
@@ -88,6 +101,7 @@ class HashCache:
         with self._lock:
             self._load()[str(path.resolve())] = {"size": size, "mtime": mtime, "sha256": value}
             self._save()
+            self._file_stamp = self._current_file_stamp()
         return value
 
     def _save(self) -> None:

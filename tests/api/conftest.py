@@ -187,3 +187,26 @@ def bob() -> requests.Session:
     session = requests.Session()
     session.auth = ("bob", API_USERS["bob"])
     return session
+
+
+def record_finished_output(data_dir: Path, owner: str, path: Path) -> None:
+    """A finished job of ``owner`` that wrote ``path``, in the job store of ``data_dir`` (inserted
+    finished in one statement: a queued row could be run by a running queue)."""
+    import json
+    import sqlite3
+    import time
+    import uuid
+
+    with sqlite3.connect(data_dir / "jobs.sqlite3", timeout=30) as db:
+        db.execute(
+            "INSERT INTO jobs (id, owner, kind, request, state, created, finished, outputs, result) "
+            "VALUES (?, ?, 'txt2img', '{}', 'done', ?, ?, ?, ?)",
+            (
+                uuid.uuid4().hex,
+                owner,
+                time.time(),
+                time.time(),
+                json.dumps([str(path)]),
+                json.dumps({"images": [str(path)]}),
+            ),
+        )

@@ -98,7 +98,16 @@ def test_blocking_a1111_calls_are_jobs_too(studio_server: StudioServer, alice: r
     response = alice.post(url + "/sdapi/v1/txt2img", json={"prompt": "a kite", "seed": 2, **SMALL})
     assert response.status_code == 200
     job_id = response.headers["X-Job-Id"]
-    assert json.loads(response.json()["info"])["job_id"] == job_id
+    info = json.loads(response.json()["info"])
+    assert info["job_id"] == job_id
+    # A1111 1.10's Processed.js() keys, which bots and plugins read (issue 14).
+    assert info["index_of_first_image"] == 0
+    assert info["sd_model_name"] and len(info["sd_model_hash"]) == 10
+    assert "sd_vae_name" in info and "sd_vae_hash" in info
+    assert info["styles"] == [] and not info["restore_faces"] and info["face_restoration_model"] is None
+    assert info["seed_resize_from_w"] == -1 and info["seed_resize_from_h"] == -1
+    assert isinstance(info["extra_generation_params"], dict)
+    assert info["is_using_inpainting_conditioning"] is False
     status = alice.get(f"{url}/studio/v1/jobs/{job_id}").json()
     assert status["state"] == "done" and status["kind"] == "txt2img"
 

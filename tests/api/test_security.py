@@ -13,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.api.conftest import API_USERS, ROOT, UI_USER, StudioServer
+from tests.api.conftest import API_USERS, ROOT, UI_USER, StudioServer, record_finished_output
 
 
 def every_api_route(server: StudioServer, session: requests.Session) -> list[tuple[str, str]]:
@@ -70,6 +70,8 @@ def test_file_serving_stays_inside_the_outputs_folder(
     Image.new("RGB", (4, 4)).save(outputs / "ok.png")
     (outputs / ".hidden.png").write_bytes((outputs / "ok.png").read_bytes())
     (outputs / "notes.txt").write_text("not an image")
+    assert raw_get(studio_server, "/studio/v1/files/ok.png") == 404  # no job of alice's wrote it
+    record_finished_output(studio_server.work / "data", "user:alice", outputs / "ok.png")
     assert raw_get(studio_server, "/studio/v1/files/ok.png") == 200
     for path in [
         "/studio/v1/files/../secret.png",

@@ -1,0 +1,173 @@
+"""Jobs on a real two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``, token auth
+on, CPU workers over the tiny offline models): a job runs on a worker actor and equals the same job
+in-process byte for byte; a node that dies mid-job has its job requeued and finished on the other
+node, one set of outputs; a PC with a wrong token is refused with our message, not Ray's
+ConnectionError twenty seconds later.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.cluster.security import auth_environment
+from app.services import StudioServices
+from app.settings import StudioSettings
+from contract.images import Txt2ImgRequest
+
+TOKEN = "0123456789abcdef" * 4
+# Ray reads its auth mode once, when it is first imported: set it before anything imports ray.
+os.environ.update(auth_environment(TOKEN))
+if importlib.util.find_spec("ray") is None:
+    pytest.skip("ray is not installed (requirements-cluster.txt)", allow_module_level=True)
+import ray  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB = {"width": 64, "height": 64, "seed": 11, "sampler_name": "Euler"}
+HEALTH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+
+
+def node_env(root: Path) -> dict[str, str]:
+    return {"PYTHONPATH": str(ROOT), "SDSTUDIO_NODE_ROOT": str(root)}
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A head node and one more node, each with one worker slot and its own models/ copy."""
+    from ray.cluster_utils import Cluster
+
+    work = tmp_path_factory.mktemp("cluster")
+    roots = []
+    for name in ("head-pc", "second-pc"):
+        root = work / name
+        shutil.copytree(tiny_models_root, root / "models", symlinks=True)
+        roots.append(root)
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "resources": {"sdstudio_worker": 1},
+            "env_vars": node_env(roots[0]),
+            "_system_config": HEALTH,
+        },
+    )
+    second = cluster.add_node(num_cpus=1, resources={"sdstudio_worker": 1}, env_vars=node_env(roots[1]))
+    (work / "data").mkdir()
+    (work / "data" / "cluster_token").write_text(TOKEN)
+    settings = StudioSettings(
+        models_dir=tiny_models_root,
+        data_dir=work / "data",
+        outputs_dir=work / "outputs",
+        default_checkpoint="tiny-sd1",
+        cluster_address=cluster.address,
+    )
+    services = StudioServices.create(settings)
+    queue = services.start_queue()
+    deadline = time.monotonic() + 600
+    while len(queue.workers.idle()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    try:
+        yield {"cluster": cluster, "services": services, "second": second, "work": work}
+    finally:
+        queue.stop()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_a_job_runs_on_a_worker_actor_and_equals_the_local_run(
+    cluster: dict[str, Any], studio: StudioServices
+) -> None:
+    services: StudioServices = cluster["services"]
+    states = services.workers.states()
+    assert len(states) == 2 and all(state.kind == "ray" and state.alive for state in states), states
+    request = Txt2ImgRequest(prompt="same bytes on any PC", steps=3, batch_size=2, **JOB)
+    local = studio.executor.execute(request)
+    job = services.queue.submit(request, owner="cluster")
+    status = services.queue.wait(job, timeout=600)
+    assert status.state == "done", status.error
+    assert [Path(p).read_bytes() for p in status.images] == [img.path.read_bytes() for img in local.images]
+    assert all(
+        Path(p).is_relative_to(cluster["work"] / "outputs") for p in status.images
+    )  # written by the head
+
+
+def test_a_node_that_dies_mid_job_has_its_job_finished_on_the_other(cluster: dict[str, Any]) -> None:
+    services: StudioServices = cluster["services"]
+    queue = services.queue
+    second_ids = {
+        handle.worker_id
+        for handle in services.workers.handles
+        if getattr(handle, "node_id", None) == cluster["second"].node_id
+    }
+    # Two long jobs, one per worker: the one on the second node loses its node mid-job.
+    jobs = [
+        queue.submit(Txt2ImgRequest(prompt=f"the node goes away {n}", steps=150, **JOB), owner=f"u{n}")
+        for n in range(2)
+    ]
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        statuses = [queue.status(job) for job in jobs]
+        if all(status.state == "running" and status.step >= 1 for status in statuses):
+            break
+        time.sleep(0.05)
+    on_second = [status.id for status in statuses if status.worker in second_ids]
+    assert len(on_second) == 1, statuses
+    victim_job = on_second[0]
+    other_job = next(job for job in jobs if job != victim_job)
+    cluster["cluster"].remove_node(cluster["second"], allow_graceful=False)
+    final = queue.wait(victim_job, timeout=900)
+    assert final.state == "done", final.error
+    assert final.attempts == 2
+    outputs = sorted((cluster["work"] / "outputs").rglob("*.png"))
+    assert sum(1 for path in outputs if str(path) in final.images) == 1
+    assert queue.wait(other_job, timeout=900).state == "done"
+    gone = [state for state in services.workers.states() if state.worker in second_ids]
+    assert gone and not any(state.alive for state in gone)
+    from app.ui.queue_tab import worker_rows
+
+    shown = {row[0]: row[2] for row in worker_rows(services)}
+    assert all(shown[worker] == "gone (its PC left the cluster)" for worker in second_ids), shown
+
+
+def test_a_pc_with_the_wrong_token_is_refused_with_a_clear_message(cluster: dict[str, Any]) -> None:
+    """As a joining PC would check it: a fresh process (Ray reads the token once per process)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from app.cluster.security import ClusterAuthError, check_token\n"
+        "try:\n"
+        "    check_token(sys.argv[1], sys.argv[2] or None)\n"
+        "except ClusterAuthError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env["PYTHONPATH"] = str(ROOT)
+    for token, expected in (("not-the-token", "refused this PC's token"), ("", "No cluster token")):
+        done = subprocess.run(
+            [sys.executable, "-c", script, cluster["cluster"].address, token],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=ROOT,
+        )
+        assert done.returncode == 3 and expected in done.stdout, (done.stdout, done.stderr[-2000:])
+    accepted = subprocess.run(
+        [sys.executable, "-c", script, cluster["cluster"].address, TOKEN],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
+    assert accepted.returncode == 0, accepted.stderr[-2000:]
