@@ -49,6 +49,9 @@ def cluster(tiny_models_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
         root = work / name
         shutil.copytree(tiny_models_root, root / "models", symlinks=True)
         roots.append(root)
+    # The second PC lacks the default checkpoint: its first job copies it from the head.
+    for name in ("tiny-sd1.safetensors", "tiny-sd1.yaml"):
+        (roots[1] / "models" / "Stable-diffusion" / name).unlink()
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -74,7 +77,7 @@ def cluster(tiny_models_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     while len(queue.workers.idle()) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     try:
-        yield {"cluster": cluster, "services": services, "second": second, "work": work}
+        yield {"cluster": cluster, "services": services, "second": second, "work": work, "roots": roots}
     finally:
         queue.stop()
         ray.shutdown()
@@ -96,6 +99,46 @@ def test_a_job_runs_on_a_worker_actor_and_equals_the_local_run(
     assert all(
         Path(p).is_relative_to(cluster["work"] / "outputs") for p in status.images
     )  # written by the head
+
+
+def test_progress_interrupt_and_a_model_copied_to_the_pc_that_lacks_it(
+    cluster: dict[str, Any], tiny_models_root: Path
+) -> None:
+    """Two jobs at once (one per PC): live progress with previews from both, Interrupt reaching a
+    remote job; the second PC got the default checkpoint from the head, sha256 checked."""
+    import hashlib
+
+    services: StudioServices = cluster["services"]
+    queue = services.queue
+    jobs = [
+        queue.submit(Txt2ImgRequest(prompt=f"remote progress {n}", steps=60, n_iter=3, **JOB), owner=f"p{n}")
+        for n in range(2)
+    ]
+    seen: dict[str, set[int]] = {job: set() for job in jobs}
+    previews: set[str] = set()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        statuses = {job: queue.status(job) for job in jobs}
+        for job, status in statuses.items():
+            if status.state == "running":
+                seen[job].add(status.step)
+                if status.preview:
+                    previews.add(job)
+        if all(len(steps) > 3 for steps in seen.values()) and len(previews) == 2:
+            break
+        time.sleep(0.05)
+    workers = {queue.status(job).worker for job in jobs}
+    assert len(workers) == 2, workers  # one job on each PC
+    for job in jobs:
+        queue.interrupt(job)
+    finals = [queue.wait(job, timeout=600) for job in jobs]
+    assert all(final.state in ("cancelled", "done") and len(final.images) < 3 for final in finals), finals
+    copied = cluster["roots"][1] / "models" / "Stable-diffusion" / "tiny-sd1.safetensors"
+    original = tiny_models_root / "Stable-diffusion" / "tiny-sd1.safetensors"
+    assert copied.is_file()
+    digest = hashlib.sha256(copied.read_bytes()).hexdigest()
+    assert digest == hashlib.sha256(original.read_bytes()).hexdigest()
+    assert not list(copied.parent.glob("*.part"))
 
 
 def test_a_node_that_dies_mid_job_has_its_job_finished_on_the_other(cluster: dict[str, Any]) -> None:

@@ -60,6 +60,13 @@ class WorkerActor:
         self.worker_id = worker_id
         self.runtime = WorkerRuntime.create(settings, worker_id=worker_id, device=device)
         self.runtime.kind = "ray"
+        self.sync: Any = None
+        if not (os.environ.get(SHARED_MODELS_ENV) or settings.cluster_shared_models):
+            from app.cluster.model_sync import ModelSync, find_library
+
+            library = find_library()
+            if library is not None:
+                self.sync = ModelSync(self.runtime.engine.models.registry, library)
         self._controls: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._job_lock = threading.Lock()
@@ -85,6 +92,12 @@ class WorkerActor:
 
         message = decode_head_message(data)
         with self._job_lock:  # between jobs, as a worker process does
+            checkpoint = message.checkpoint  # type: ignore[union-attr]
+            if self.sync is not None and checkpoint and message.load:  # type: ignore[union-attr]
+                try:
+                    self.sync.ensure_one("checkpoint", checkpoint, lambda text: None)
+                except Exception as exc:  # reported as the switch's error, as a failed load is
+                    self.runtime.last_error = str(exc)
             self.runtime.set_default_model(
                 message.checkpoint,  # type: ignore[union-attr]
                 load=message.load,  # type: ignore[union-attr]
@@ -102,7 +115,9 @@ class WorkerActor:
 
     def run(self, data: bytes) -> Iterator[bytes]:
         """Run one job, yielding every message the runtime sends as it sends it (a streaming call)."""
-        from contract.worker import JobFinished, RunJob, encode_message
+        from contract.artifacts import JobOutcome
+        from contract.events import JobProgress
+        from contract.worker import JobEventMessage, JobFinished, RunJob, encode_message
         from pipelines.job_control import JobControl
 
         message = RunJob.model_validate_json(data)
@@ -113,9 +128,24 @@ class WorkerActor:
             control = self._controls.setdefault(message.job_id, JobControl())
         outbox: queue.Queue[bytes | None] = queue.Queue()
 
+        def say(text: str) -> None:
+            progress = JobProgress(
+                stage="loading", message=text, worker=self.worker_id, device=self.runtime.device
+            )
+            outbox.put(encode_message(JobEventMessage(job_id=message.job_id, progress=progress)))
+
         def work() -> None:
             try:
                 with self._job_lock:
+                    if self.sync is not None:
+                        try:
+                            self.sync.ensure(
+                                message.request, self.runtime.engine.models.default_checkpoint, say
+                            )
+                        except Exception as exc:
+                            outcome = JobOutcome(state="failed", error=f"Could not get a model: {exc}")
+                            outbox.put(encode_message(JobFinished(job_id=message.job_id, outcome=outcome)))
+                            return
                     outcome = self.runtime.run(
                         message, lambda sent: outbox.put(encode_message(sent)), control
                     )

@@ -50,9 +50,14 @@ class ClusterWorkerPool(WorkerPool):
         self._stop = threading.Event()
         self._poll_seconds = poll_seconds
         self._monitor: threading.Thread | None = None
+        self._library: Any = None
 
     def start(self, listener: WorkerListener) -> None:
         self._listener = listener
+        if not self.settings.cluster_shared_models:
+            from app.cluster.model_sync import start_library
+
+            self._library = start_library(self.settings.model_dump_json())  # before any worker asks
         self.refresh()
         self._monitor = threading.Thread(target=self._watch, name="cluster-nodes", daemon=True)
         self._monitor.start()
