@@ -54,3 +54,6 @@ class JobOutcome(BaseModel):
     )
     error: str | None = None
     interrupted: bool = False
+    peak_vram_bytes: int | None = Field(
+        None, description="The job's peak GPU memory (CUDA workers), for the cost model."
+    )

@@ -44,6 +44,7 @@ class WorkerState(BaseModel):
     device: str
     pid: int | None = None
     host: str | None = Field(None, description="The PC the worker runs on (cluster workers).")
+    vram_total_bytes: int | None = Field(None, description="The GPU's memory (CUDA workers).")
     alive: bool = True
     busy_job: str | None = None
     loaded_checkpoints: list[str] = Field(default_factory=list)

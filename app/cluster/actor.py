@@ -7,8 +7,9 @@ Interrupt/Skip arrive as a concurrent :meth:`WorkerActor.control` call (the acto
 they reach the job within one sampling step, as locally.
 
 Paths differ between PCs: an actor takes the head's settings but its own folders from its node
-(``SDSTUDIO_NODE_ROOT``, set on the node's Ray processes by ``--cluster-join``), unless the studio
-shares one models folder (``--cluster-shared-models``).
+(``SDSTUDIO_NODE_MODELS_DIR``/``SDSTUDIO_NODE_DATA_DIR``, set on a joining PC's Ray processes by
+``--cluster-join`` from that PC's own settings), unless the studio shares one models folder
+(``--cluster-shared-models``). Workers on the head's own node use the head's settings as they are.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from typing import Any
 
 NODE_ROOT_ENV = "SDSTUDIO_NODE_ROOT"
 """This PC's studio folder (its ``models/`` and ``data/``); set on a node's Ray processes."""
+NODE_MODELS_ENV = "SDSTUDIO_NODE_MODELS_DIR"
+NODE_DATA_ENV = "SDSTUDIO_NODE_DATA_DIR"
+"""A joining PC's own ``--models-dir``/``--data-dir`` (they win over ``SDSTUDIO_NODE_ROOT``)."""
 SHARED_MODELS_ENV = "SDSTUDIO_CLUSTER_SHARED_MODELS"
 """When set (to anything), every node uses the models folder the head's settings name."""
 CRASH_MARKER_ENV = "SDSTUDIO_WORKER_CRASH_MARKER"
@@ -35,15 +39,16 @@ def node_settings(settings_json: str) -> Any:
 
     settings = StudioSettings.model_validate_json(settings_json)
     root = os.environ.get(NODE_ROOT_ENV)
-    if not root:
-        return settings
-    base = Path(root)
-    update: dict[str, Any] = {"data_dir": base / "data", "outputs_dir": base / "outputs"}
-    if not os.environ.get(SHARED_MODELS_ENV) and not settings.cluster_shared_models:
-        update["models_dir"] = base / "models"
+    models = os.environ.get(NODE_MODELS_ENV) or (str(Path(root) / "models") if root else None)
+    data = os.environ.get(NODE_DATA_ENV) or (str(Path(root) / "data") if root else None)
+    update: dict[str, Any] = {}
+    if data:
+        update["data_dir"] = Path(data)
+    if models and not (os.environ.get(SHARED_MODELS_ENV) or settings.cluster_shared_models):
+        update["models_dir"] = Path(models)
         for folder in ("ckpt_dir", "vae_dir", "lora_dir", "controlnet_dir", "esrgan_dir", "embeddings_dir"):
             update[folder] = None
-    return settings.model_copy(update=update)
+    return settings.model_copy(update=update) if update else settings
 
 
 class WorkerActor:

@@ -4,7 +4,7 @@ Ray listens on all interfaces; the ports are fixed (:data:`PORTS`, README "Runni
 so a firewall can admit exactly them from the LAN. The dashboard is not started. The head runs with
 one-second health checks (three misses: a switched-off PC is noticed in ~3 s instead of Ray's ~13 s).
 Every node declares ``sdstudio_worker`` slots (its GPUs times ``--gpu-share``, or one for the CPU)
-and runs with ``SDSTUDIO_NODE_ROOT`` set to its own studio folder, where its workers find ``models/``.
+and a joining PC's Ray processes carry its own models and data folders (``app.cluster.actor``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.cluster.actor import NODE_ROOT_ENV, SHARED_MODELS_ENV
+from app.cluster.actor import NODE_DATA_ENV, NODE_MODELS_ENV, SHARED_MODELS_ENV
 from app.cluster.handle import WORKER_RESOURCE
 from app.cluster.security import auth_environment, check_token, head_token, joining_token
 
@@ -55,10 +55,16 @@ def worker_slots(gpu_share: int) -> tuple[int, int]:
     return (gpus * gpu_share, gpus) if gpus else (1, 0)
 
 
-def node_environment(token: str, *, shared_models: bool) -> dict[str, str]:
+def node_environment(token: str, *, shared_models: bool, own: StudioSettings | None = None) -> dict[str, str]:
+    """The environment of a node's Ray processes: the token, this checkout on the import path and,
+    for a joining PC (``own``: its settings), its own models and data folders."""
     env = dict(os.environ)
     env.update(auth_environment(token))
-    env[NODE_ROOT_ENV] = str(REPO_ROOT)
+    for key in (NODE_MODELS_ENV, NODE_DATA_ENV):
+        env.pop(key, None)  # the head's own node uses the head's settings as they are
+    if own is not None:
+        env[NODE_MODELS_ENV] = str(own.models_dir)
+        env[NODE_DATA_ENV] = str(own.data_dir)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
     if shared_models:
         env[SHARED_MODELS_ENV] = "1"
@@ -70,7 +76,7 @@ def start_command(
 ) -> list[str]:
     command = [ray_executable(), "start", "--disable-usage-stats", "--include-dashboard=false"]
     if head:
-        command += [f"--port={PORTS['gcs']}", f"--system-config={json.dumps(HEALTH_CHECKS)}"]
+        command += ["--head", f"--port={PORTS['gcs']}", f"--system-config={json.dumps(HEALTH_CHECKS)}"]
     else:
         command += [f"--address={address}"]
     command += [
@@ -143,7 +149,7 @@ def join(settings: StudioSettings, address: str, token: str | None) -> int:
         return 2
     assert token is not None
     slots, gpus = worker_slots(settings.gpu_share)
-    env = node_environment(token, shared_models=settings.cluster_shared_models)
+    env = node_environment(token, shared_models=settings.cluster_shared_models, own=settings)
     print(
         f"Joining the studio cluster at {address} with {slots} worker slot(s); Ctrl+C leaves it.", flush=True
     )

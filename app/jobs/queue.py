@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.jobs.artifacts import replace_refs, write_artifact
+from app.jobs.cost_model import JobCostModel, request_features
 from app.jobs.store import FINISHED_STATES, JobRecord, JobStore
 from contract.events import JobProgress
 from contract.worker import ArtifactMessage, JobEventMessage, JobFinished, RunJob, StateMessage, WorkerReady
@@ -41,6 +42,10 @@ class QueueFullError(StudioError):
     """The queue already holds its maximum number of waiting jobs."""
 
 
+class JobWontFitError(StudioError):
+    """By the cost model, the job needs more GPU memory than any worker has."""
+
+
 @dataclass
 class LiveProgress:
     """What a running job is doing right now (not persisted)."""
@@ -53,11 +58,15 @@ class LiveProgress:
     preview: bytes | None = None
     paths: dict[str, str] = field(default_factory=dict)  # artifact ref -> written path
     written: dict[str, Path] = field(default_factory=dict)  # sha256 -> path (videos, for sidecars)
+    features: Any = None  # the cost model's view of the job (app/jobs/cost_model.py)
+    predicted_seconds: float | None = None
 
     def eta_seconds(self) -> float | None:
         fraction = self.event.fraction if self.event else 0.0
         if not fraction or self.sampling_started is None:
-            return None
+            if self.predicted_seconds is None:
+                return None
+            return max(0.0, self.predicted_seconds - (time.monotonic() - self.started))
         elapsed = time.monotonic() - self.sampling_started
         return max(0.0, elapsed / fraction - elapsed)
 
@@ -115,6 +124,7 @@ class JobQueue:
         self._stopping = False
         self._dispatcher: threading.Thread | None = None
         self._failed_starts: dict[str, int] = {}
+        self.cost_model = JobCostModel()
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -145,6 +155,7 @@ class JobQueue:
 
         request = apply_request_styles(request, self.styles)
         payload = request.model_dump(mode="json")
+        self._check_fits(payload)
         job_id = self.store.add(owner, payload.get("mode", "txt2img"), payload, max_queued=self.max_queued)
         if job_id is None:
             raise QueueFullError(f"The queue is full ({self.max_queued} jobs waiting). Try again later.")
@@ -218,7 +229,7 @@ class JobQueue:
             progress=1.0 if record.state == "done" else (event.fraction if event else 0.0),
             step=event.step if event else 0,
             steps=event.steps if event else 0,
-            eta_seconds=live.eta_seconds() if live else None,
+            eta_seconds=live.eta_seconds() if live else self._queued_eta(record, position),
             message=message,
             images=list(result.get("images", record.outputs)),
             info=result.get("info"),
@@ -256,15 +267,27 @@ class JobQueue:
                     self._wake.wait(0.5)
 
     def _dispatch_one(self) -> bool:
-        """Give the next job (fair order) to the best idle worker. Called with the lock held."""
+        """Give the next job (fair order) to the worker that will finish it first, if that worker
+        is idle now (a fast GPU about to be free beats a slow idle one). Called with the lock held."""
         idle = self.workers.idle()
         if not idle:
             return False
+        upcoming = self.store.peek_next()
+        if upcoming is None:
+            return False
+        choice = self._placement(upcoming, idle)
+        if choice is None:
+            return False  # a busy worker will finish it sooner: wait for it
+        handle, features, predicted = choice
         record = self.store.claim_next()
         if record is None:
             return False
-        handle = self._best_worker(record, idle)
-        live = LiveProgress(worker=handle.worker_id, message="Starting…")
+        if record.id != upcoming.id:  # the peeked job was cancelled meanwhile: place this one
+            handle = self._best_worker(record, idle)
+            features, predicted = self._predict(record, handle)
+        live = LiveProgress(
+            worker=handle.worker_id, message="Starting…", features=features, predicted_seconds=predicted
+        )
         self._live[record.id] = live
         mode, every = self.preview_mode()
         message = RunJob(
@@ -281,6 +304,96 @@ class JobQueue:
             self._live.pop(record.id, None)
             self.store.requeue_after_crash(record.id, f"worker {handle.worker_id} unreachable: {exc}")
         return True
+
+    # placing ---------------------------------------------------------------------------------
+    def _checkpoint_of(self, record: JobRecord) -> str | None:
+        wanted = (record.request.get("override_settings") or {}).get("sd_model_checkpoint")
+        return self.checkpoint_title(str(wanted)) if wanted else None
+
+    def _has_loaded(self, handle: WorkerHandle, title: str | None) -> bool:
+        if title is None:  # the default model: loaded if the worker has its current one
+            return handle.state.current_checkpoint is not None
+        return title in handle.state.loaded_checkpoints
+
+    def _predict(self, record: JobRecord, handle: WorkerHandle) -> tuple[Any, float]:
+        features = request_features(
+            record.request, loaded=self._has_loaded(handle, self._checkpoint_of(record))
+        )
+        family = handle.state.current_family
+        return features, self.cost_model.predict_seconds(handle.worker_id, family, features)
+
+    def _remaining(self, handle: WorkerHandle) -> float:
+        """Predicted seconds until ``handle`` is free (0 when idle)."""
+        live = self._live.get(handle.current_job or "")
+        if live is None:
+            return 0.0
+        eta = live.eta_seconds()
+        return eta if eta is not None else (live.predicted_seconds or 0.0)
+
+    def _placement(
+        self, record: JobRecord, idle: list[WorkerHandle]
+    ) -> tuple[WorkerHandle, Any, float] | None:
+        """The idle worker to run ``record`` on, with its features and predicted seconds; None when a
+        busy worker would finish it clearly sooner than any idle one (by the cost model)."""
+        if len(idle) == 1 and len(self.workers.handles) == 1:
+            features, predicted = self._predict(record, idle[0])
+            return idle[0], features, predicted
+        title = self._checkpoint_of(record)
+        best_idle: tuple[float, int, WorkerHandle, Any, float] | None = None
+        for order, handle in enumerate(idle):
+            features, predicted = self._predict(record, handle)
+            # Ties (no measurements yet) go to a worker with the model loaded, then one with none.
+            rank = 0 if self._has_loaded(handle, title) else (1 if not handle.state.loaded_checkpoints else 2)
+            key = (round(predicted, 3), rank * 1000 + order)
+            if best_idle is None or key < (round(best_idle[0], 3), best_idle[1]):
+                best_idle = (predicted, rank * 1000 + order, handle, features, predicted)
+        assert best_idle is not None
+        for handle in self.workers.handles:
+            if handle.ready and handle.current_job is not None and self.cost_model.runs() >= len(idle) + 1:
+                _, predicted = self._predict(record, handle)
+                if self._remaining(handle) + predicted < 0.8 * best_idle[0]:
+                    return None
+        return best_idle[2], best_idle[3], best_idle[4]
+
+    def _check_fits(self, payload: dict[str, Any]) -> None:
+        """Refuse up front a job whose predicted peak GPU memory exceeds every GPU worker's memory
+        (only when every worker is a GPU worker the model has measured: otherwise it may fit)."""
+        verdicts: list[tuple[float, int]] = []
+        for handle in self.workers.handles:
+            total = handle.state.vram_total_bytes
+            if not handle.ready or total is None:
+                return
+            features = request_features(payload, loaded=True)
+            needed = self.cost_model.predict_vram(handle.worker_id, handle.state.current_family, features)
+            if needed is None or needed <= total:
+                return
+            verdicts.append((needed, total))
+        if verdicts:
+            needed = min(need for need, _ in verdicts)
+            largest = max(total for _, total in verdicts)
+            raise JobWontFitError(
+                f"This job would need about {needed / 2**30:.1f} GB of GPU memory, and the largest GPU "
+                f"in the studio has {largest / 2**30:.1f} GB. Use a smaller size or batch, or turn on "
+                "--medvram/--lowvram."
+            )
+
+    def _queued_eta(self, record: JobRecord, position: int | None) -> float | None:
+        """Seconds until a queued job should finish: the jobs ahead of it shared over the workers,
+        then its own run on the fastest worker (cost model)."""
+        if position is None:
+            return None
+        workers = [handle for handle in self.workers.handles if handle.ready] or self.workers.handles[:1]
+        if not workers:
+            return None
+        with self._lock:
+            own = min(self._predict(record, handle)[1] for handle in workers)
+            ahead = 0.0
+            for job_id in self.store.queued_ids()[: min(position - 1, 20)]:
+                other = self.store.get(job_id)
+                if other is not None:
+                    ahead += min(self._predict(other, handle)[1] for handle in workers)
+            busy = sum(self._remaining(handle) for handle in workers)
+        return (ahead + busy) / len(workers) + own
 
     def _best_worker(self, record: JobRecord, idle: list[WorkerHandle]) -> WorkerHandle:
         """A worker that already has the job's model loaded, else one with none loaded, else any."""
@@ -342,6 +455,15 @@ class JobQueue:
         outcome = message.outcome
         with self._wake:
             live = self._live.get(message.job_id)
+            if live is not None and live.features is not None and outcome.state == "done":
+                self.cost_model.record(
+                    handle.worker_id,
+                    handle.state.current_family,
+                    live.features,
+                    time.monotonic() - live.started,
+                    predicted=live.predicted_seconds,
+                    peak_vram_bytes=outcome.peak_vram_bytes,
+                )
             paths = live.paths if live else {}
             images = [paths.get(ref, ref) for ref in outcome.artifacts]
             result = None

@@ -41,6 +41,19 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 """
 
 
+_NEXT_JOB_SQL = """
+    SELECT j.* FROM jobs j
+    JOIN (SELECT owner, MIN(seq) AS first FROM jobs WHERE state = 'queued' GROUP BY owner) q
+      ON j.seq = q.first
+    LEFT JOIN (SELECT owner, MAX(started) AS last FROM jobs
+               WHERE started IS NOT NULL GROUP BY owner) s
+      ON s.owner = j.owner
+    ORDER BY COALESCE(s.last, 0), j.seq
+    LIMIT 1
+"""
+"""The next job in fair order: round-robin between owners, each owner's jobs in submission order."""
+
+
 @dataclass(frozen=True)
 class JobRecord:
     id: str
@@ -120,22 +133,18 @@ class JobStore:
             )
         return job_id
 
+    def peek_next(self) -> JobRecord | None:
+        """The job :meth:`claim_next` would take now, left queued (the dispatcher first checks
+        that a worker that suits it is free)."""
+        with self._lock:
+            row = self._db.execute(_NEXT_JOB_SQL).fetchone()
+        return JobRecord.from_row(row) if row is not None else None
+
     def claim_next(self) -> JobRecord | None:
         """Take the next job fairly: round-robin between owners (the owner served least recently
         goes first), each owner's jobs in submission order."""
         with self._transaction() as db:
-            row = db.execute(
-                """
-                SELECT j.* FROM jobs j
-                JOIN (SELECT owner, MIN(seq) AS first FROM jobs WHERE state = 'queued' GROUP BY owner) q
-                  ON j.seq = q.first
-                LEFT JOIN (SELECT owner, MAX(started) AS last FROM jobs
-                           WHERE started IS NOT NULL GROUP BY owner) s
-                  ON s.owner = j.owner
-                ORDER BY COALESCE(s.last, 0), j.seq
-                LIMIT 1
-                """
-            ).fetchone()
+            row = db.execute(_NEXT_JOB_SQL).fetchone()
             if row is None:
                 return None
             db.execute(

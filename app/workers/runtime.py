@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -100,6 +101,23 @@ class _ProgressReporter:
         self.send(JobEventMessage(job_id=self.message.job_id, progress=progress))
 
 
+def _cuda_in_use() -> Any:
+    """``torch.cuda`` when this worker computes on a GPU (torch already imported), else None."""
+    torch: Any = sys.modules.get("torch")
+    try:
+        return torch.cuda if torch is not None and torch.cuda.is_initialized() else None
+    except Exception:
+        return None
+
+
+def _vram_total() -> int | None:
+    cuda = _cuda_in_use()
+    try:
+        return int(cuda.get_device_properties(cuda.current_device()).total_memory) if cuda else None
+    except Exception:
+        return None
+
+
 class WorkerRuntime:
     """One device's engines. Runs one job at a time (the caller serialises jobs)."""
 
@@ -159,6 +177,7 @@ class WorkerRuntime:
             kind=self.kind if self.kind in ("process", "ray") else "in-process",  # type: ignore[arg-type]
             last_error=self.last_error,
             answered=self.answered,
+            vram_total_bytes=_vram_total(),
         )
 
     def set_default_model(
@@ -209,6 +228,9 @@ class WorkerRuntime:
             reporter = _ProgressReporter(self, message, send, sdxl=self._sdxl())
             previous_sink = self.engine.config.image_sink
             self.engine.config.image_sink = sink
+            cuda = _cuda_in_use()
+            if cuda is not None:
+                cuda.reset_peak_memory_stats()
             try:
                 result = self.engine.run(request, control=control, on_progress=reporter)
             finally:
@@ -218,6 +240,7 @@ class WorkerRuntime:
                 info=result.info(),
                 artifacts=[image.ref for image in result.images],
                 interrupted=result.interrupted,
+                peak_vram_bytes=int(cuda.max_memory_allocated()) if cuda is not None else None,
             )
         except GenerationInterruptedError as exc:
             return JobOutcome(state="cancelled", error=str(exc))

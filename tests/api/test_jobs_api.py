@@ -74,7 +74,10 @@ def test_cancel_a_running_job_and_other_users_cannot_see_it(
 ) -> None:
     url = studio_server.url
     job = alice.post(
-        url + "/studio/v1/jobs", json={"mode": "txt2img", "prompt": "x", **{**SMALL, "steps": 100}}
+        # Thousands of steps: far more than can run between the first step event and the cancel,
+        # however fast or slow this machine is.
+        url + "/studio/v1/jobs",
+        json={"mode": "txt2img", "prompt": "x", **{**SMALL, "steps": 150, "n_iter": 30}},
     )
     job_id = job.json()["id"]
     assert bob.get(f"{url}/studio/v1/jobs/{job_id}").status_code == 404
