@@ -167,3 +167,37 @@ def test_eta_is_shown_for_queued_jobs(tmp_path: Path) -> None:
     finally:
         gate.set()
         queue.stop()
+
+
+def test_metrics_endpoint_reports_jobs_workers_and_the_cost_model(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from app.api import build_api_app
+    from app.services import StudioServices
+    from app.settings import StudioSettings
+
+    settings = StudioSettings(
+        data_dir=tmp_path / "data", outputs_dir=tmp_path / "outputs", models_dir=tmp_path
+    )
+    services = StudioServices.create(settings)
+    services.__dict__["queue"] = make_queue(tmp_path, [TimedRuntime("w0", 0.001)])
+    services.start_queue()
+    try:
+        for n in range(3):
+            job = services.queue.submit(Txt2ImgRequest(prompt=f"m{n}", width=64, height=64, steps=2))
+            assert services.queue.wait(job, timeout=60).state == "done"
+        client = TestClient(build_api_app(services, credentials=[("admin", "pw")]))
+        assert client.get("/metrics").status_code == 401
+        answer = client.get("/metrics", auth=("admin", "pw"))
+        assert answer.status_code == 200
+        families = {family.name: family for family in text_string_to_metric_families(answer.text)}
+        jobs = {sample.labels["state"]: sample.value for sample in families["sdstudio_jobs"].samples}
+        assert jobs["done"] == 3 and jobs["queued"] == 0
+        counts = [s for s in families["sdstudio_job_seconds"].samples if s.name.endswith("_count")]
+        assert counts and counts[0].value == 3
+        busy = families["sdstudio_worker_busy_fraction"].samples
+        assert [s.labels["worker"] for s in busy] == ["w0"] and 0 < busy[0].value <= 1
+        assert "sdstudio_requeues" in families and "sdstudio_cost_model_relative_error" in families
+    finally:
+        services.queue.stop()

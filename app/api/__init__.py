@@ -49,6 +49,9 @@ def build_api_app(services: StudioServices, *, credentials: list[tuple[str, str]
     for router in (a1111_router, controlnet_router, studio_router, files_router):
         app.include_router(router(context))
     app.include_router(preset_router(context))
+    from app.api.metrics import metrics_router
+
+    app.include_router(metrics_router(context))
     app.include_router(discord_router(services))  # signed by Discord, not HTTP Basic
 
     guard = [Depends(context.auth.require_user)]

@@ -38,6 +38,47 @@ MAX_WORKER_RESTARTS_WITHOUT_A_JOB = 3
 """A worker that dies this many times in a row before finishing anything is left stopped."""
 
 
+@dataclass
+class WorkerStats:
+    """What a worker did since the studio started (the Queue tab and /metrics)."""
+
+    since: float = field(default_factory=time.monotonic)
+    busy_seconds: float = 0.0
+    busy_since: float | None = None
+    jobs: int = 0
+
+    def busy_fraction(self) -> float:
+        now = time.monotonic()
+        busy = self.busy_seconds + (now - self.busy_since if self.busy_since is not None else 0.0)
+        return busy / max(1e-9, now - self.since)
+
+
+@dataclass
+class QueueStats:
+    """Counters for monitoring: job durations by outcome, requeues after crashes, per-worker time."""
+
+    durations: list[tuple[str, float]] = field(default_factory=list)  # (state, seconds), newest last
+    requeues: int = 0
+    crash_failures: int = 0
+    workers: dict[str, WorkerStats] = field(default_factory=dict)
+
+    def worker(self, worker_id: str) -> WorkerStats:
+        return self.workers.setdefault(worker_id, WorkerStats())
+
+    def started(self, worker_id: str) -> None:
+        self.worker(worker_id).busy_since = time.monotonic()
+
+    def ended(self, worker_id: str, state: str | None, seconds: float) -> None:
+        stats = self.worker(worker_id)
+        if stats.busy_since is not None:
+            stats.busy_seconds += time.monotonic() - stats.busy_since
+            stats.busy_since = None
+        if state is not None:
+            stats.jobs += 1
+            self.durations.append((state, seconds))
+            del self.durations[:-10000]
+
+
 class QueueFullError(StudioError):
     """The queue already holds its maximum number of waiting jobs."""
 
@@ -125,6 +166,7 @@ class JobQueue:
         self._dispatcher: threading.Thread | None = None
         self._failed_starts: dict[str, int] = {}
         self.cost_model = JobCostModel()
+        self.stats = QueueStats()
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -297,6 +339,7 @@ class JobQueue:
             preview_mode=mode,  # type: ignore[arg-type]
             preview_every=every,
         )
+        self.stats.started(handle.worker_id)
         try:
             handle.run(message)
         except (ConnectionError, OSError) as exc:
@@ -455,6 +498,8 @@ class JobQueue:
         outcome = message.outcome
         with self._wake:
             live = self._live.get(message.job_id)
+            if live is not None:
+                self.stats.ended(handle.worker_id, outcome.state, time.monotonic() - live.started)
             if live is not None and live.features is not None and outcome.state == "done":
                 self.cost_model.record(
                     handle.worker_id,
@@ -486,7 +531,12 @@ class JobQueue:
             handle.current_job = None
             if job_id is not None:
                 self._live.pop(job_id, None)
+                self.stats.ended(handle.worker_id, None, 0.0)
                 state = self.store.requeue_after_crash(job_id, reason, max_attempts=self.max_attempts)
+                if state == "queued":
+                    self.stats.requeues += 1
+                elif state == "failed":
+                    self.stats.crash_failures += 1
                 log.error("worker %s: %s during job %s; job %s", handle.worker_id, reason, job_id, state)
             else:
                 log.error("worker %s: %s", handle.worker_id, reason)

@@ -281,6 +281,12 @@ class JobStore:
             rows = self._db.execute(query, (*params, limit)).fetchall()
         return [JobRecord.from_row(row) for row in rows]
 
+    def counts_by_state(self) -> dict[str, int]:
+        """How many jobs are in each state (monitoring)."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
+        return {str(row["state"]): int(row["n"]) for row in rows}
+
     def owner_of_output(self, path: str | Path) -> str | None:
         """The owner of the newest job that wrote ``path`` (its recorded outputs, result images or
         talking-head sidecar), or None when no job did. ``path`` matches as given and resolved."""

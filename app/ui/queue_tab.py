@@ -20,7 +20,17 @@ PREFIX = "queue"
 REFRESH_SECONDS = 2.0
 MY_COLUMNS = ["Job", "Kind", "State", "Position", "Progress", "Prompt", "Submitted"]
 STUDIO_COLUMNS = ["Position", "Kind", "State", "Progress", "Owner", "Worker"]
-WORKER_COLUMNS = ["Worker", "Device", "State", "Loaded model", "Jobs done", "Restarts"]
+WORKER_COLUMNS = [
+    "Worker",
+    "Device",
+    "State",
+    "Loaded model",
+    "Jobs done",
+    "Restarts",
+    "GPU memory",
+    "Running job",
+    "Busy",
+]
 PROMPT_PREVIEW = 80
 
 
@@ -95,9 +105,26 @@ def worker_rows(services: StudioServices) -> list[list[Any]]:
                 state.current_checkpoint or "",
                 state.jobs_done,
                 handle.restarts,
+                f"{state.vram_total_bytes / 2**30:.0f} GB" if state.vram_total_bytes else "",
+                (handle.current_job or "")[:8],
+                f"{services.queue.stats.worker(handle.worker_id).busy_fraction():.0%}",
             ]
         )
     return rows
+
+
+def cluster_summary(services: StudioServices) -> str:
+    """One line over the workers: PCs, workers up, jobs waiting/running, the cost model's error."""
+    handles = list(services.workers.handles)
+    hosts = {handle.state.host or "this PC" for handle in handles if handle.ready or handle.current_job}
+    up = sum(1 for handle in handles if handle.ready or handle.current_job)
+    counts = services.queue.store.counts_by_state()
+    error = services.queue.cost_model.mean_relative_error()
+    accuracy = f"; time estimates off by {error:.0%} on average lately" if error is not None else ""
+    return (
+        f"**{len(hosts)} PC(s), {up} of {len(handles)} worker(s) up**; {counts.get('queued', 0)} job(s) "
+        f"waiting, {counts.get('running', 0)} running{accuracy}."
+    )
 
 
 def cancellable(services: StudioServices, owner: str) -> list[tuple[str, str]]:
@@ -148,11 +175,12 @@ def build(services: StudioServices) -> QueueTab:
         interactive=False,
         elem_id=f"{PREFIX}_studio",
     )
-    gr.Markdown("### Workers (one per GPU; a crashed worker restarts and its job runs again)")
+    gr.Markdown("### Workers and cluster (one worker per GPU, on every PC of the studio)")
+    summary = gr.Markdown("", elem_id=f"{PREFIX}_cluster_summary")
     workers = gr.Dataframe(headers=WORKER_COLUMNS, value=[], interactive=False, elem_id=f"{PREFIX}_workers")
     timer = gr.Timer(REFRESH_SECONDS, active=False)
 
-    def refresh_tables(request: gr.Request) -> tuple[Any, Any, Any, Any]:
+    def refresh_tables(request: gr.Request) -> tuple[Any, Any, Any, Any, Any]:
         owner = job_owner(request)
         services.start_queue()
         choices = cancellable(services, owner)
@@ -161,17 +189,19 @@ def build(services: StudioServices) -> QueueTab:
             gr.update(value=studio_queue(services, owner)),
             gr.update(value=worker_rows(services)),
             gr.update(choices=choices, value=choices[0][1] if choices else None),
+            gr.update(value=cluster_summary(services)),
         )
 
-    def refresh_lists(request: gr.Request) -> tuple[Any, Any, Any]:
+    def refresh_lists(request: gr.Request) -> tuple[Any, Any, Any, Any]:
         owner = job_owner(request)
         return (
             gr.update(value=my_jobs(services, owner)),
             gr.update(value=studio_queue(services, owner)),
             gr.update(value=worker_rows(services)),
+            gr.update(value=cluster_summary(services)),
         )
 
-    def cancel_job(job_id: str | None, request: gr.Request) -> tuple[Any, Any, Any, Any]:
+    def cancel_job(job_id: str | None, request: gr.Request) -> tuple[Any, Any, Any, Any, Any]:
         owner = job_owner(request)
         status = services.queue.status(job_id) if job_id else None
         if status is None or status.owner != owner:
@@ -180,11 +210,15 @@ def build(services: StudioServices) -> QueueTab:
         return refresh_tables(request)
 
     quiet: dict[str, Any] = {"show_progress": "hidden", "concurrency_limit": None}
-    outputs = [mine, studio, workers, to_cancel]
+    outputs = [mine, studio, workers, to_cancel, summary]
     refresh.click(refresh_tables, outputs=outputs, **quiet)
-    timer.tick(refresh_lists, outputs=[mine, studio, workers], **quiet)
+    timer.tick(refresh_lists, outputs=[mine, studio, workers, summary], **quiet)
     cancel.click(cancel_job, inputs=to_cancel, outputs=outputs, **quiet)
     auto.change(lambda on: gr.Timer(active=on), inputs=auto, outputs=timer, queue=False)
     return QueueTab(
-        timer=timer, auto=auto, refresh=refresh, tables=[mine, studio, workers], refresh_lists=refresh_lists
+        timer=timer,
+        auto=auto,
+        refresh=refresh,
+        tables=[mine, studio, workers, summary],
+        refresh_lists=refresh_lists,
     )
