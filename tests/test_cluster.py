@@ -101,6 +101,28 @@ def test_a_job_runs_on_a_worker_actor_and_equals_the_local_run(
     )  # written by the head
 
 
+def test_a_batch_count_spread_over_two_pcs_equals_the_one_worker_run(
+    cluster: dict[str, Any], studio: StudioServices
+) -> None:
+    """Four batches of two images: the batches run on both PCs at once, and every image (seed
+    11..18) equals the same job run by one worker in this process, byte for byte."""
+    services: StudioServices = cluster["services"]
+    request = Txt2ImgRequest(prompt="spread me", steps=3, n_iter=4, batch_size=2, **JOB)
+    local = studio.executor.execute(request)
+    job = services.queue.submit(request, owner="spread")
+    seen_workers: set[str] = set()
+    while not services.queue.status(job).finished:
+        status = services.queue.status(job)
+        if status.worker:
+            seen_workers |= set(status.worker.split(", "))
+        services.queue.wait(job, timeout=0.05)
+    status = services.queue.status(job)
+    assert status.state == "done", status.error
+    assert len(seen_workers) == 2, seen_workers
+    assert status.info["all_seeds"] == list(range(11, 19))
+    assert [Path(p).read_bytes() for p in status.images] == [img.path.read_bytes() for img in local.images]
+
+
 def test_progress_interrupt_and_a_model_copied_to_the_pc_that_lacks_it(
     cluster: dict[str, Any], tiny_models_root: Path
 ) -> None:
@@ -111,7 +133,7 @@ def test_progress_interrupt_and_a_model_copied_to_the_pc_that_lacks_it(
     services: StudioServices = cluster["services"]
     queue = services.queue
     jobs = [
-        queue.submit(Txt2ImgRequest(prompt=f"remote progress {n}", steps=60, n_iter=3, **JOB), owner=f"p{n}")
+        queue.submit(Txt2ImgRequest(prompt=f"remote progress {n}", steps=150, **JOB), owner=f"p{n}")
         for n in range(2)
     ]
     seen: dict[str, set[int]] = {job: set() for job in jobs}
@@ -132,7 +154,11 @@ def test_progress_interrupt_and_a_model_copied_to_the_pc_that_lacks_it(
     for job in jobs:
         queue.interrupt(job)
     finals = [queue.wait(job, timeout=600) for job in jobs]
-    assert all(final.state in ("cancelled", "done") and len(final.images) < 3 for final in finals), finals
+    # Interrupt stops each job within a step (it keeps the picture as it stands, or none).
+    assert all(final.state in ("cancelled", "done") and len(final.images) <= 1 for final in finals), finals
+    for final in finals:
+        if final.state == "done":  # the picture as it stood, marked so
+            assert "Interrupted" in final.info["infotexts"][0], final.info["infotexts"]
     copied = cluster["roots"][1] / "models" / "Stable-diffusion" / "tiny-sd1.safetensors"
     original = tiny_models_root / "Stable-diffusion" / "tiny-sd1.safetensors"
     assert copied.is_file()

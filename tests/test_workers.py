@@ -103,7 +103,8 @@ def test_progress_previews_and_sse_cross_the_process_boundary(workers: StudioSer
 
 def test_interrupt_and_skip_reach_the_worker(workers: StudioServices) -> None:
     queue = workers.queue
-    job = queue.submit(Txt2ImgRequest(prompt="skip me", steps=40, n_iter=2, **JOB), owner="skip")
+    # 150 steps a batch: far more than pass between the first step and the Skip on any machine.
+    job = queue.submit(Txt2ImgRequest(prompt="skip me", steps=150, n_iter=2, **JOB), owner="skip")
     _wait_running(workers, job)
     queue.skip(job)  # abandons the first batch only
     status = queue.wait(job, timeout=300)
@@ -168,3 +169,29 @@ def test_two_workers_run_two_users_jobs_at_the_same_time(workers: StudioServices
         queue.wait(first, timeout=0.02)
     assert queue.status(first).state == queue.status(second).state == "done"
     assert both_running and ran_on == {"cpu", "cpu-1"}
+
+
+def test_a_spread_job_loses_one_worker_and_still_ends_with_one_set_of_images(workers: StudioServices) -> None:
+    """Batches of one job on both workers; one worker is killed mid-batch: that batch runs again on a
+    fresh worker, the finished batches are kept, and the job ends with exactly its images."""
+    queue = workers.queue
+    for handle in workers.workers.handles:
+        deadline = time.monotonic() + 300
+        while not handle.idle and time.monotonic() < deadline:
+            time.sleep(0.05)
+    before = set(_outputs(workers.outputs_root))
+    job = queue.submit(Txt2ImgRequest(prompt="spread and survive", steps=30, n_iter=4, **JOB), owner="spread")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status = queue.status(job)
+        if status.worker and "," in status.worker and status.step >= 2:
+            break
+        queue.wait(job, timeout=0.05)
+    victim = workers.workers.get(queue.status(job).worker.split(", ")[-1])
+    os.kill(victim.pid, signal.SIGKILL)
+    status = queue.wait(job, timeout=600)
+    assert status.state == "done", status.error
+    assert status.info["all_seeds"] == [11, 12, 13, 14]
+    new = set(_outputs(workers.outputs_root)) - before
+    assert sorted(map(str, new)) == sorted(status.images) and len(new) == 4  # one set, no leftovers
+    assert queue.stats.requeues >= 1

@@ -65,6 +65,12 @@ class WorkerActor:
         self.worker_id = worker_id
         self.runtime = WorkerRuntime.create(settings, worker_id=worker_id, device=device)
         self.runtime.kind = "ray"
+        share = int(settings.gpu_share or 1)
+        if share > 1 and torch.cuda.is_available():
+            # K workers on one GPU: each gets 1/K of its memory as a hard budget (Ray's fractional
+            # GPUs are bookkeeping only), and reports that budget to the head's cost model.
+            torch.cuda.set_per_process_memory_fraction(1.0 / share)
+            self.runtime.vram_share = 1.0 / share
         self.sync: Any = None
         if not (os.environ.get(SHARED_MODELS_ENV) or settings.cluster_shared_models):
             from app.cluster.model_sync import ModelSync, find_library

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -153,12 +154,16 @@ def join(settings: StudioSettings, address: str, token: str | None) -> int:
     print(
         f"Joining the studio cluster at {address} with {slots} worker slot(s); Ctrl+C leaves it.", flush=True
     )
+    command = start_command(head=False, address=address, slots=slots, gpus=gpus, block=True)
     try:
-        return subprocess.run(
-            start_command(head=False, address=address, slots=slots, gpus=gpus, block=True),
-            env=env,
-            check=False,
-        ).returncode
+        while True:
+            code = subprocess.run(command, env=env, check=False).returncode
+            # The node ends when it loses the head (a head restart, the network): join again.
+            print(
+                f"Lost the cluster head at {address} (exit code {code}); joining again in 10 s.", flush=True
+            )
+            stop_node()
+            time.sleep(10)
     except KeyboardInterrupt:
         return 0
     finally:

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from app.jobs.artifacts import replace_refs, write_artifact
 from app.jobs.cost_model import JobCostModel, request_features
+from app.jobs.spread import SpreadJob, part_id, split_id, spread_parts
 from app.jobs.store import FINISHED_STATES, JobRecord, JobStore
+from contract.artifacts import JobOutcome
 from contract.events import JobProgress
 from contract.worker import ArtifactMessage, JobEventMessage, JobFinished, RunJob, StateMessage, WorkerReady
 from pipelines.errors import StudioError
@@ -167,6 +169,7 @@ class JobQueue:
         self._failed_starts: dict[str, int] = {}
         self.cost_model = JobCostModel()
         self.stats = QueueStats()
+        self._spread: dict[str, SpreadJob] = {}
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -233,13 +236,26 @@ class JobQueue:
                 self._control(job_id, live, "skip")
 
     def _control(self, job_id: str, live: LiveProgress, action: str) -> None:
-        handle = self.workers.get(live.worker)
+        spread = self._spread.get(job_id)
+        if spread is not None:
+            if action == "interrupt":
+                spread.stop_pending("Interrupted before this batch started.")
+                targets = sorted(spread.running.items())
+            else:  # Skip abandons the current batch: the earliest one still running
+                targets = sorted(spread.running.items())[:1]
+            for index, worker in targets:
+                self._control_one(part_id(job_id, index), worker, action)
+            return
+        self._control_one(job_id, live.worker, action)
+
+    def _control_one(self, job_id: str, worker: str, action: str) -> None:
+        handle = self.workers.get(worker)
         if handle is None:
             return
         try:
             handle.control(job_id, action)
         except (ConnectionError, OSError):
-            log.warning("worker %s is gone; %s of job %s not delivered", live.worker, action, job_id)
+            log.warning("worker %s is gone; %s of job %s not delivered", worker, action, job_id)
 
     def running_ids(self) -> list[str]:
         with self._lock:
@@ -277,9 +293,15 @@ class JobQueue:
             info=result.get("info"),
             error=record.error if record.state in FINISHED_STATES else None,
             preview=live.preview if live else None,
-            worker=live.worker if live else None,
+            worker=self._workers_of(record.id, live),
             attempts=record.attempts,
         )
+
+    def _workers_of(self, job_id: str, live: LiveProgress | None) -> str | None:
+        spread = self._spread.get(job_id)
+        if spread is not None and spread.running:
+            return ", ".join(sorted(set(spread.running.values())))
+        return live.worker if live else None
 
     def list(self, *, owner: str | None = None, limit: int = 50) -> list[JobStatus]:
         return [self._status(record) for record in self.store.list(owner=owner, limit=limit)]
@@ -314,6 +336,8 @@ class JobQueue:
         idle = self.workers.idle()
         if not idle:
             return False
+        if self._dispatch_part(idle):
+            return True
         upcoming = self.store.peek_next()
         if upcoming is None:
             return False
@@ -331,6 +355,13 @@ class JobQueue:
             worker=handle.worker_id, message="Starting…", features=features, predicted_seconds=predicted
         )
         self._live[record.id] = live
+        parts = spread_parts(record.request) if len(self._ready_workers()) > 1 else None
+        if parts is not None:  # its batches go to whichever workers are free, this one first
+            spread = SpreadJob(record.id, parts, pending=list(range(len(parts))))
+            self._spread[record.id] = spread
+            live.predicted_seconds = None  # per part from here on
+            self._start_part(spread, spread.pending.pop(0), handle, attempt=record.attempts)
+            return True
         mode, every = self.preview_mode()
         message = RunJob(
             job_id=record.id,
@@ -347,6 +378,113 @@ class JobQueue:
             self._live.pop(record.id, None)
             self.store.requeue_after_crash(record.id, f"worker {handle.worker_id} unreachable: {exc}")
         return True
+
+    # spreading a job's batches ------------------------------------------------------------------
+    def _ready_workers(self) -> list[WorkerHandle]:
+        return [handle for handle in self.workers.handles if handle.ready or handle.current_job]
+
+    def _dispatch_part(self, idle: list[WorkerHandle]) -> bool:
+        """Start the next waiting part of a spread job (they go before new jobs: the job has begun)."""
+        for spread in list(self._spread.values()):
+            if spread.pending:
+                record = self.store.get(spread.job_id)
+                if record is None:
+                    continue
+                handle = self._best_worker(record, idle)
+                self._start_part(spread, spread.pending.pop(0), handle, attempt=1)
+                return True
+        return False
+
+    def _start_part(self, spread: SpreadJob, index: int, handle: WorkerHandle, *, attempt: int) -> None:
+        request = spread.parts[index]
+        features = request_features(request, loaded=self._has_loaded(handle, None))
+        predicted = self.cost_model.predict_seconds(handle.worker_id, handle.state.current_family, features)
+        spread.predicted[index] = (features, predicted)
+        spread.started[index] = time.monotonic()
+        spread.running[index] = handle.worker_id
+        spread.attempts[index] = spread.attempts.get(index, 0) + 1
+        mode, every = self.preview_mode()
+        message = RunJob(
+            job_id=part_id(spread.job_id, index),
+            request=request,
+            attempt=max(attempt, spread.attempts[index]),
+            preview_mode=mode,  # type: ignore[arg-type]
+            preview_every=every,
+        )
+        self.stats.started(handle.worker_id)
+        try:
+            handle.run(message)
+        except (ConnectionError, OSError) as exc:
+            handle.current_job = None
+            spread.running.pop(index, None)
+            spread.pending.insert(0, index)
+            log.warning(
+                "worker %s unreachable for part %d of job %s: %s", handle.worker_id, index, spread.job_id, exc
+            )
+
+    def _part_finished(
+        self, handle: WorkerHandle, spread: SpreadJob, index: int, outcome: JobOutcome
+    ) -> None:
+        """Record a part's end (lock held); when the last part ends, finish the job as one."""
+        worker = spread.running.pop(index, None)
+        features, predicted = spread.predicted.get(index, (None, None))
+        seconds = time.monotonic() - spread.started.get(index, time.monotonic())
+        self.stats.ended(handle.worker_id, outcome.state, seconds)
+        if features is not None and outcome.state == "done" and worker is not None:
+            self.cost_model.record(
+                worker,
+                handle.state.current_family,
+                features,
+                seconds,
+                predicted=predicted,
+                peak_vram_bytes=outcome.peak_vram_bytes,
+            )
+        spread.outcomes[index] = outcome
+        if outcome.state == "failed":  # one failed batch fails the job: stop the rest
+            spread.stop_pending(outcome.error or "failed")
+            for other, other_worker in list(spread.running.items()):
+                self._control_one(part_id(spread.job_id, other), other_worker, "interrupt")
+        if not spread.finished:
+            return
+        live = self._live.get(spread.job_id)
+        paths = live.paths if live else {}
+        merged = spread.merged(paths)
+        result = None
+        if merged.state == "done":
+            images = [paths.get(ref, ref) for ref in merged.artifacts]
+            result = {"images": images, "info": replace_refs(merged.info, paths)}
+        self.store.finish(spread.job_id, merged.state, result=result, error=merged.error)
+        self._live.pop(spread.job_id, None)
+        self._spread.pop(spread.job_id, None)
+
+    def _part_lost(self, spread: SpreadJob, index: int, reason: str) -> str:
+        """A part's worker died (lock held): its files go, and it runs again elsewhere, unless it
+        has stopped its worker ``max_attempts`` times (then the job fails with the reason)."""
+        spread.running.pop(index, None)
+        for path in spread.files.pop(index, []):
+            path.unlink(missing_ok=True)
+        if spread.attempts.get(index, 0) >= self.max_attempts:
+            times = spread.attempts.get(index, 0)
+            error = (
+                f"This job stopped its worker {times} times ({reason}), probably by running out of memory; "
+                "it was not retried. Try a smaller size, batch or upscale factor."
+            )
+            self.stats.crash_failures += 1
+            self._part_finished_quietly(spread, index, JobOutcome(state="failed", error=error))
+            return "failed"
+        self.stats.requeues += 1
+        spread.pending.insert(0, index)
+        return "queued"
+
+    def _part_finished_quietly(self, spread: SpreadJob, index: int, outcome: JobOutcome) -> None:
+        spread.outcomes[index] = outcome
+        spread.stop_pending(outcome.error or "failed")
+        for other, worker in list(spread.running.items()):
+            self._control_one(part_id(spread.job_id, other), worker, "interrupt")
+        if spread.finished:
+            self.store.finish(spread.job_id, "failed", error=outcome.error)
+            self._live.pop(spread.job_id, None)
+            self._spread.pop(spread.job_id, None)
 
     # placing ---------------------------------------------------------------------------------
     def _checkpoint_of(self, record: JobRecord) -> str | None:
@@ -466,11 +604,16 @@ class JobQueue:
                 self._wake.notify_all()
 
     def _on_progress(self, message: JobEventMessage) -> None:
+        job_id, index = split_id(message.job_id)
         with self._wake:
-            live = self._live.get(message.job_id)
+            live = self._live.get(job_id)
             if live is None:
                 return
             event = message.progress
+            spread = self._spread.get(job_id)
+            if spread is not None and index is not None:  # a part: its place among the job's batches
+                done = sum(1 for outcome in spread.outcomes.values() if outcome.state == "done")
+                event = event.model_copy(update={"batch_index": done, "batch_count": len(spread.parts)})
             if event.stage == "sampling" and live.sampling_started is None:
                 live.sampling_started = time.monotonic()
             if event.message:
@@ -481,21 +624,35 @@ class JobQueue:
             self._wake.notify_all()
 
     def _on_artifact(self, message: ArtifactMessage) -> None:
+        job_id, index = split_id(message.job_id)
         with self._lock:
-            live = self._live.get(message.job_id)
-        if live is None:
+            live = self._live.get(job_id)
+            spread = self._spread.get(job_id)
+        if live is None or (spread is not None and index not in spread.running):
             log.warning("dropping an artifact of job %s, which is not running", message.job_id)
             return
         artifact = message.artifact
         path = write_artifact(self.outputs_root, artifact, paired=live.written)
-        self.store.record_output(message.job_id, str(path))  # so a crash can clean it up
+        self.store.record_output(job_id, str(path))  # so a crash can clean it up
         with self._wake:
             live.paths[artifact.ref] = str(path)
             live.written[artifact.sha256] = path
+            if spread is not None and index is not None:
+                spread.files.setdefault(index, []).append(path)
             self._wake.notify_all()
 
     def _on_finished(self, handle: WorkerHandle, message: JobFinished) -> None:
         outcome = message.outcome
+        job_id, index = split_id(message.job_id)
+        spread = self._spread.get(job_id) if index is not None else None
+        if spread is not None and index is not None:
+            with self._wake:
+                if handle.current_job == message.job_id:
+                    handle.current_job = None
+                if index in spread.running:
+                    self._part_finished(handle, spread, index, outcome)
+                self._wake.notify_all()
+            return
         with self._wake:
             live = self._live.get(message.job_id)
             if live is not None:
@@ -529,7 +686,20 @@ class JobQueue:
         with self._wake:
             job_id = handle.current_job
             handle.current_job = None
-            if job_id is not None:
+            parent, index = split_id(job_id) if job_id is not None else (None, None)
+            spread = self._spread.get(parent) if parent is not None and index is not None else None
+            if spread is not None and index is not None and index in spread.running:
+                self.stats.ended(handle.worker_id, None, 0.0)
+                state = self._part_lost(spread, index, reason)
+                log.error(
+                    "worker %s: %s during part %d of job %s; part %s",
+                    handle.worker_id,
+                    reason,
+                    index,
+                    parent,
+                    state,
+                )
+            elif job_id is not None:
                 self._live.pop(job_id, None)
                 self.stats.ended(handle.worker_id, None, 0.0)
                 state = self.store.requeue_after_crash(job_id, reason, max_attempts=self.max_attempts)

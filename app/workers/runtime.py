@@ -140,6 +140,7 @@ class WorkerRuntime:
         self.scratch_dir = scratch_dir
         self.kind = kind
         self.busy_job: str | None = None
+        self.vram_share = 1.0  # the part of the GPU's memory this worker may use (--gpu-share)
         self.jobs_done = 0
         self.last_error: str | None = None  # why the last model switch failed
         self.answered: str | None = None  # request_id of the last model switch
@@ -177,7 +178,7 @@ class WorkerRuntime:
             kind=self.kind if self.kind in ("process", "ray") else "in-process",  # type: ignore[arg-type]
             last_error=self.last_error,
             answered=self.answered,
-            vram_total_bytes=_vram_total(),
+            vram_total_bytes=int(total * self.vram_share) if (total := _vram_total()) else None,
         )
 
     def set_default_model(

@@ -1,0 +1,150 @@
+"""The studio cluster on Ray: scaling from one worker to two, and a Ray worker's per-job overhead.
+
+No download: a random-weight SD1.5 checkpoint (full size) is built from ``configs/sd1`` and dropped
+into a temporary ``models/`` folder. A real two-node Ray cluster is started on this machine
+(``ray.cluster_utils.Cluster``, token auth on), each node with one worker slot. In one run:
+
+1. **scaling**: the same jobs from two users on one Ray worker (the second node not yet added) and
+   on two, one torch thread each: images per second, as a ratio (target >= 1.8 on two cores);
+   then one job with ``n_iter`` batches spread over the two workers against the same job on one;
+2. **dispatch overhead**: a tiny job (1 step, 64x64) on a Ray worker against a local worker
+   process, alternating, median of several runs: the difference is what Ray adds per job.
+
+Model loading is excluded (a warm-up job per worker first).
+
+    .venv/bin/python bench/cluster_scaling.py [--steps 4] [--size 256] [--jobs 8] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+TOKEN = "bench" * 13
+os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN})  # before ray is imported
+
+
+def _services(work: Path, name: str, **settings: object):
+    from app.services import StudioServices
+    from app.settings import StudioSettings
+
+    (work / name / "data").mkdir(parents=True, exist_ok=True)
+    (work / name / "data" / "cluster_token").write_text(TOKEN)
+    return StudioServices.create(
+        StudioSettings(
+            models_dir=work / "models",
+            data_dir=work / name / "data",
+            outputs_dir=work / name / "outputs",
+            default_checkpoint="sd15-random",
+            worker_torch_threads=1,
+            **settings,
+        )
+    )
+
+
+def _run(services, requests, owners) -> float:
+    queue = services.queue
+    started = time.perf_counter()
+    ids = [queue.submit(request, owner=owner) for request, owner in zip(requests, owners, strict=True)]
+    for job_id in ids:
+        status = queue.wait(job_id)
+        if status.state != "done":
+            raise SystemExit(f"job failed: {status.error}")
+    return time.perf_counter() - started
+
+
+def _wait_workers(services, count: int) -> None:
+    deadline = time.monotonic() + 900
+    while len(services.queue.workers.idle()) < count:
+        if time.monotonic() > deadline:
+            raise SystemExit("the cluster's workers did not come up")
+        time.sleep(0.2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+
+    import ray
+    import torch
+    from ray.cluster_utils import Cluster
+
+    from bench.engine_overhead import build_random_sd15
+    from contract.images import Txt2ImgRequest
+    from pipelines.models.checkpoint_export import save_single_file_checkpoint
+
+    work = Path(tempfile.mkdtemp(prefix="sdstudio-bench-cluster-"))
+    print("building a random full-size SD1.5 checkpoint ...", flush=True)
+    save_single_file_checkpoint(
+        build_random_sd15(),
+        "sd1",
+        work / "models" / "Stable-diffusion" / "sd15-random.safetensors",
+        sidecar_yaml=False,
+        dtype=torch.float16,
+    )
+
+    def job(seed: int, **extra: object) -> Txt2ImgRequest:
+        fields = {"steps": args.steps, "width": args.size, "height": args.size, **extra}
+        return Txt2ImgRequest(prompt="a lighthouse", seed=seed, sampler_name="Euler", **fields)
+
+    env = {"PYTHONPATH": str(ROOT)}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "resources": {"sdstudio_worker": 1}, "env_vars": env},
+    )
+    services = _services(work, "cluster", cluster_address=cluster.address)
+    services.start_queue()
+    _wait_workers(services, 1)
+    _run(services, [job(1)], ["warm"])
+
+    jobs = [job(100 + i) for i in range(args.jobs)]
+    owners = ["alice" if i % 2 == 0 else "bob" for i in range(args.jobs)]
+    one = _run(services, jobs, owners)
+    print(f"  1 Ray worker: {args.jobs} jobs in {one:.2f} s ({args.jobs / one:.3f} images/s)", flush=True)
+    batch = job(500, n_iter=args.jobs)
+    one_batch = _run(services, [batch], ["batch"])
+
+    cluster.add_node(num_cpus=1, resources={"sdstudio_worker": 1}, env_vars=env)
+    _wait_workers(services, 2)
+    _run(services, [job(2), job(3)], ["warm", "warm2"])
+    two = _run(services, jobs, owners)
+    print(f"  2 Ray workers: {args.jobs} jobs in {two:.2f} s ({args.jobs / two:.3f} images/s)", flush=True)
+    two_batch = _run(services, [batch], ["batch"])
+    print(f"two Ray workers vs one on the same {args.jobs} jobs: {one / two:.2f}x (target >= 1.8)")
+    print(f"one job of {args.jobs} batches spread over two workers vs one: {one_batch / two_batch:.2f}x")
+
+    # dispatch overhead: Ray worker vs a local worker process, the tiniest job
+    local = _services(work, "local", device_ids=["cpu"])
+    local.start_queue()
+    tiny = job(7, steps=1, width=64, height=64)
+    _run(local, [tiny], ["warm"])
+    times: dict[str, list[float]] = {"ray": [], "process": []}
+    for _ in range(args.runs):
+        times["ray"].append(_run(services, [tiny], ["tiny"]))
+        times["process"].append(_run(local, [tiny], ["tiny"]))
+    ray_median, local_median = statistics.median(times["ray"]), statistics.median(times["process"])
+    added = 1000 * (ray_median - local_median)
+    print(
+        f"tiny job (1 step, 64x64), median of {args.runs}: Ray worker {ray_median * 1000:.0f} ms, "
+        f"local worker process {local_median * 1000:.0f} ms: Ray adds {added:.0f} ms per job "
+        f"(ratio {ray_median / local_median:.2f})"
+    )
+    local.queue.stop()
+    services.queue.stop()
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main()
