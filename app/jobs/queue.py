@@ -52,7 +52,7 @@ class WorkerStats:
     def busy_fraction(self) -> float:
         now = time.monotonic()
         busy = self.busy_seconds + (now - self.busy_since if self.busy_since is not None else 0.0)
-        return busy / max(1e-9, now - self.since)
+        return min(1.0, busy / max(1e-9, now - self.since))
 
 
 @dataclass
@@ -63,9 +63,10 @@ class QueueStats:
     requeues: int = 0
     crash_failures: int = 0
     workers: dict[str, WorkerStats] = field(default_factory=dict)
+    since: float = field(default_factory=time.monotonic)  # the queue's start: busy shares count from it
 
     def worker(self, worker_id: str) -> WorkerStats:
-        return self.workers.setdefault(worker_id, WorkerStats())
+        return self.workers.setdefault(worker_id, WorkerStats(since=self.since))
 
     def started(self, worker_id: str) -> None:
         self.worker(worker_id).busy_since = time.monotonic()
@@ -180,6 +181,7 @@ class JobQueue:
             log.warning("requeued %d job(s) interrupted by a restart", len(requeued))
         for job_id in failed:
             log.error("job %s failed: it was cut short %d times", job_id, self.max_attempts)
+        self.stats.since = time.monotonic()
         self.workers.start(self)
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="job-dispatcher", daemon=True)
         self._dispatcher.start()
