@@ -10,8 +10,8 @@ squares, refitted as runs are recorded):
 * a constant (VAE decode, saving, transfer).
 
 Until a worker has enough runs of its own, its prediction borrows the pooled fit of all workers,
-scaled by how fast this worker has been so far; with no data at all, a default rate stands in. A
-warm-up job per worker (``WARMUP_REQUEST``) gives every worker a first point. Peak GPU memory is
+scaled by how fast this worker has been so far; with no data at all, a default rate stands in (so
+the first jobs go to idle workers in turn, and each worker's first run seeds its fit). Peak GPU memory is
 fitted the same way from what workers report. Every finished job records the error of the
 prediction made when it started; the Queue/Cluster views show the recent mean.
 """
@@ -34,13 +34,6 @@ MIN_OWN_RUNS = 6
 """Runs of a worker/family before its own fit is used alone."""
 HISTORY = 200
 """Runs kept per worker and family (the newest)."""
-WARMUP_REQUEST: dict[str, Any] = {
-    "mode": "txt2img",
-    "prompt": "warm-up",
-    "steps": 4,
-    "width": 256,
-    "height": 256,
-}
 
 
 def request_features(request: dict[str, Any], *, loaded: bool) -> np.ndarray:
