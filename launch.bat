@@ -21,6 +21,8 @@ pause
 exit /b 1
 
 :run
+rem Hints printed by the studio name the command the user runs (this file), not python.
+if not defined SDSTUDIO_LAUNCH_COMMAND set "SDSTUDIO_LAUNCH_COMMAND=.\launch.bat"
 %PYTHON% "%~dp0launch.py" %*
 set "CODE=%ERRORLEVEL%"
 if "%CODE%"=="0" exit /b 0

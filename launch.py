@@ -132,8 +132,20 @@ def studio_flags() -> argparse.ArgumentParser:
     )
     m = flags.add_argument_group("memory and speed")
     m.add_argument("--medvram", action="store_true", default=s, help="model CPU offload (6-8 GB GPUs)")
-    m.add_argument("--lowvram", action="store_true", default=s, help="sequential CPU offload (2-4 GB GPUs)")
-    m.add_argument("--memory-preset", choices=["auto", "high", "medvram", "lowvram", "cpu"], default=s)
+    m.add_argument(
+        "--lowvram", action="store_true", default=s, help="block-level group offload (2-4 GB GPUs)"
+    )
+    m.add_argument(
+        "--lowvram-sequential", action="store_true", default=s, help="A1111's sequential CPU offload"
+    )
+    m.add_argument(
+        "--memory-preset",
+        choices=["auto", "high", "medvram", "lowvram", "lowvram-sequential", "cpu"],
+        default=s,
+    )
+    m.add_argument(
+        "--fp8-unet", action="store_true", default=s, help="UNet weights stored in float8 (6-8 GB GPUs)"
+    )
     m.add_argument("--no-half", action="store_true", default=s, help="run in float32")
     m.add_argument("--precision", choices=["auto", "fp16", "bf16", "fp32"], default=s, help="compute dtype")
     m.add_argument("--no-half-vae", action="store_true", default=s, help="keep the VAE in float32")
@@ -215,12 +227,15 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
         "no_half_vae": "no_half_vae",
         "opt_channelslast": "channels_last",
         "compile": "compile",
+        "fp8_unet": "fp8_unet",
     }
     overrides: dict[str, object] = {mapping[k]: v for k, v in given.items() if k in mapping}
     if given.get("medvram"):
         overrides["memory_preset"] = "medvram"
     if given.get("lowvram"):
         overrides["memory_preset"] = "lowvram"
+    if given.get("lowvram_sequential"):
+        overrides["memory_preset"] = "lowvram-sequential"
     if given.get("xformers"):
         overrides["attention"] = "xformers"
     elif given.get("opt_sdp_attention"):
@@ -259,6 +274,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from installer.launch_command import remember_launch_command
+
+    remember_launch_command()  # before the restart into .venv, whose interpreter the user never typed
     if not any(a in ("-h", "--help") for a in argv):
         ensure_environment(argv)
         ensure_xformers(argv)

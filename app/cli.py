@@ -12,7 +12,8 @@ import json
 import sys
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,23 @@ def talking_head_request_from_args(args: argparse.Namespace) -> TalkingHeadReque
     return TalkingHeadRequest(**given)
 
 
+def flag_vocabulary(message: str) -> str:
+    """Validation lines in the words of the command line: ``init_images.0: file not found: x.png``
+    becomes ``--init-images: file not found: x.png`` (nested fields such as ControlNet units keep
+    their JSON path, which is how ``--controlnet-units`` is written)."""
+    import re
+
+    known = {name for model in REQUEST_TYPES.values() for name in model.model_fields}
+
+    def line(text: str) -> str:
+        match = re.match(r"([a-z_0-9]+)(?:\.\d+)?: (.*)", text, flags=re.S)
+        if match is None or match.group(1) not in known or match.group(1) == "controlnet_units":
+            return text
+        return f"{_flag(match.group(1))}: {match.group(2)}"
+
+    return "\n".join(line(text) for text in message.splitlines())
+
+
 def request_from_args(args: argparse.Namespace) -> Any:
     """The request the flags describe: ``--mode``, else img2img when ``--init-images`` is given,
     extras when only ``--image`` is, else txt2img. Flags of other modes are rejected by name."""
@@ -212,7 +230,7 @@ def run_generate(args: argparse.Namespace, settings: StudioSettings) -> int:
     try:
         request = request_from_args(args)
     except ValidationError as exc:
-        print(f"error: invalid request:\n{format_validation_error(exc)}", file=sys.stderr)
+        print(f"error: invalid request:\n{flag_vocabulary(format_validation_error(exc))}", file=sys.stderr)
         return 2
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -221,8 +239,12 @@ def run_generate(args: argparse.Namespace, settings: StudioSettings) -> int:
     if _explain_missing_models(services):
         return 3
     bars = _ProgressBars("generate", position=0)
+    from pipelines.job_control import JobControl
+
+    control = JobControl()
     try:
-        result = services.executor.execute(request, on_progress=bars)
+        with _ctrl_c_interrupts(control):
+            result = services.executor.execute(request, control=control, on_progress=bars)
     except StudioError as exc:
         bars.close()
         print(f"error: {exc}", file=sys.stderr)
@@ -230,9 +252,39 @@ def run_generate(args: argparse.Namespace, settings: StudioSettings) -> int:
     bars.close()
     for note in result.notes:
         print(f"note: {note}")
+    if result.interrupted:
+        print(
+            f"interrupted: kept {len(result.images)} image(s); the last one as it stood when you "
+            "pressed Ctrl+C (its infotext says 'Interrupted')",
+            file=sys.stderr,
+        )
     for image in result.images:
         print(image.path)
     return 0
+
+
+@contextmanager
+def _ctrl_c_interrupts(control: Any) -> Iterator[None]:
+    """The first Ctrl+C interrupts the job as the UI's Interrupt does (the partly denoised picture
+    is decoded and saved); a second one stops the program at once."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_ctrl_c(_signum: int, _frame: Any) -> None:
+        if control.interrupted:
+            raise KeyboardInterrupt
+        print("\nInterrupting: saving the picture as it is now (Ctrl+C again to quit)", file=sys.stderr)
+        control.interrupt()
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -249,8 +301,27 @@ def _batch_state_file(jobs_file: Path, out_root: Path) -> Path:
     return out_root / ".batch-state" / f"{jobs_file.stem}-{key}.jsonl"
 
 
-def _line_key(number: int, line: str) -> str:
-    return hashlib.sha256(f"{number}\n{line.strip()}".encode()).hexdigest()
+def _job_key(line: str, occurrence: int) -> str:
+    """What a finished job is remembered by: its content, not its line number, so inserting,
+    moving or deleting lines reruns only the lines that are new. JSON is compared canonically
+    (key order and spacing do not matter); ``occurrence`` (1 for the first copy) keeps deliberate
+    duplicates (the same request twice, e.g. with random seeds) as separate jobs."""
+    try:
+        content = json.dumps(json.loads(line), sort_keys=True, separators=(",", ":"))
+    except ValueError:
+        content = line.strip()
+    return hashlib.sha256(f"{occurrence}\n{content}".encode()).hexdigest()
+
+
+def _job_keys(jobs: Sequence[tuple[int, str]]) -> dict[int, str]:
+    """Line number -> :func:`_job_key`, counting identical jobs in file order."""
+    seen: dict[str, int] = {}
+    keys: dict[int, str] = {}
+    for number, line in jobs:
+        first = _job_key(line, 1)
+        seen[first] = seen.get(first, 0) + 1
+        keys[number] = first if seen[first] == 1 else _job_key(line, seen[first])
+    return keys
 
 
 def _completed_keys(state_file: Path) -> set[str]:
@@ -282,13 +353,14 @@ def run_batch(args: argparse.Namespace, settings: StudioSettings) -> int:
         for n, line in enumerate(lines, start=1)
         if line.strip() and not line.lstrip().startswith("#")
     ]
+    keys = _job_keys(jobs)
     summary = BatchSummary()
     if _explain_missing_models(services):
         return 3
     overall = tqdm(total=len(jobs), desc="batch", unit="job", position=0)
     state_file.parent.mkdir(parents=True, exist_ok=True)
     for number, line in jobs:
-        key = _line_key(number, line)
+        key = keys[number]
         if key in completed:
             summary.resumed += 1
             tqdm.write(f"line {number}: already done in an earlier run, skipped")
@@ -484,7 +556,7 @@ def run_xyz(args: argparse.Namespace, settings: StudioSettings) -> int:
             result = services.executor.execute(request)
         except StudioError as exc:
             print(
-                f"error: cell {dict(zip([a.field for a in axes], combo, strict=True))}: {exc}",
+                f"error: cell {', '.join(a.cell_label(v) for a, v in zip(axes, combo, strict=True))}: {exc}",
                 file=sys.stderr,
             )
             return 1
@@ -492,7 +564,7 @@ def run_xyz(args: argparse.Namespace, settings: StudioSettings) -> int:
         print(result.images[0].path)
     grid = draw_grid(cells, axes)
     summary = ", ".join(
-        f'{"XYZ"[i]} Type: {axis.field}, {"XYZ"[i]} Values: "{",".join(axis.values)}"'
+        f'{"XYZ"[i]} Type: {axis.label}, {"XYZ"[i]} Values: "{",".join(axis.values)}"'
         for i, axis in enumerate(axes)
     )
     infotext = f"{base.prompt}\nScript: X/Y/Z plot, {summary}" if hasattr(base, "prompt") else summary

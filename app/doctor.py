@@ -21,6 +21,7 @@ from typing import Any
 from app.settings import StudioSettings
 from installer import disk
 from installer.gpu import GpuReport, detect_nvidia
+from installer.launch_command import launch_command
 
 SECTIONS = ("system", "gpus", "torch", "attention", "memory_preset", "ffmpeg", "models", "disk", "problems")
 TITLES = {
@@ -233,7 +234,7 @@ def find_problems(report: dict[str, Any], gpu: GpuReport) -> list[dict[str, str]
         problems.append(
             {
                 "problem": "ffmpeg is not available (needed for talking-head videos).",
-                "fix": "pip install imageio-ffmpeg==0.8.1 in .venv (or run launch.py to install it)",
+                "fix": f"run {launch_command()} (it installs imageio-ffmpeg==0.8.1 into .venv)",
             }
         )
     for name, info in report["disk"].items():

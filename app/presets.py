@@ -14,7 +14,8 @@ A preset is one readable YAML file in ``presets/`` (``settings.presets_dir``)::
 
 The ``request`` is validated with the studio's own request models (``contract/images.py``), so a
 preset can hold anything a job can: model, VAE, LoRAs, sampler and schedule, steps, CFG, img2img
-denoising, ControlNet units (a unit without an image gets the photo), face restore, hires fix.
+denoising, ControlNet units (a unit without an image gets the photo, and canny when it names no
+``module``), face restore, hires fix.
 A run fills in the user's words (``{prompt}``), the photo (EXIF orientation applied, resized so its
 longest side is ``longest_side``, both sides multiples of 8) and the seed: the result is an ordinary
 request, the same one a client could have sent in full, so a preset run equals that request image
@@ -59,6 +60,7 @@ _PLACEHOLDER_IMAGE = (
 )
 """An 8x8 PNG standing in for the photo while a preset is validated (img2img needs an image)."""
 _IMAGE_FIELDS = ("init_images", "mask")
+DEFAULT_PHOTO_MODULE = "canny"
 
 
 class PresetError(StudioError):
@@ -412,14 +414,22 @@ def _fill(
     units = _units(body)
     if units:
         body.pop("alwayson_scripts", None)
-        body["controlnet_units"] = [
-            {**unit, "image": photo} if isinstance(unit, dict) and not unit.get("image") and photo else unit
-            for unit in units
-        ]
+        body["controlnet_units"] = [_photo_unit(unit, photo) for unit in units]
     if preset.mode == "img2img":
         body["init_images"] = [photo] if photo else []
         body.setdefault("resize_mode", 0)
     return body
+
+
+def _photo_unit(unit: Any, photo: str | None) -> Any:
+    """A unit without an image of its own gets the photo; without a ``module`` it gets canny, the
+    annotator that suits a photo (its edges keep the pose and outline) and needs no model files."""
+    if not isinstance(unit, dict) or unit.get("image"):
+        return unit
+    filled = {"module": DEFAULT_PHOTO_MODULE, **unit}
+    if photo:
+        filled["image"] = photo
+    return filled
 
 
 def build_preset_request(
@@ -474,6 +484,11 @@ def preset_request_for(
         default_checkpoint=services.selected_checkpoint,
         source=path,
     )
+    if preset.safety_checker:  # screened in the worker, before any image leaves it
+        from app.safety_checker import SAFETY_KEY
+
+        overrides = {**(request.override_settings or {}), SAFETY_KEY: True}
+        request = request.model_copy(update={"override_settings": overrides})
     return preset, request
 
 
@@ -486,17 +501,11 @@ def submit_preset_job(
     *,
     owner: str,
     seed: int | None = None,
-    screen: bool = True,
 ) -> tuple[Preset, str]:
-    """Queue a preset run for ``owner``; the job id. With the preset's safety checker on (and
-    ``screen``), a watcher screens the outputs as soon as the job finishes; front ends that show the
-    result themselves (Discord) pass ``screen=False`` and screen before showing it."""
+    """Queue a preset run for ``owner``; the job id. A checked preset's images are screened in the
+    worker (``preset_request_for`` asks for it), before they reach ``outputs/``."""
     preset, request = preset_request_for(services, store, name, words, photo, seed=seed)
     job_id = services.queue.submit(request, owner=owner)  # whoever serves started the queue
-    if preset.safety_checker and screen:
-        from app.safety_checker import screen_job_when_done
-
-        screen_job_when_done(services, job_id)
     return preset, job_id
 
 

@@ -5,8 +5,11 @@ safety-checker`` repository holds (``config.json``, ``model.safetensors`` or ``p
 ``preprocessor_config.json``). Nothing is downloaded: without them a preset that turns the checker
 on is refused with a message saying where the files go.
 
-The checker runs in the head on finished images (a preset run's outputs), before a front end shows
-them: an image it flags is replaced on disk by a black one, and the front end says it was held back.
+The checker runs in the worker, on each finished image before it leaves the worker (a job whose
+``override_settings`` carry :data:`SAFETY_KEY`, which a checked preset's runs do): a flagged image
+is replaced by a black one whose infotext says :data:`HELD_BACK`, so no client, however quick, can
+fetch the picture before it was screened. Front ends read that mark (:func:`screen_files`) to say
+the picture was held back.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from pipelines.errors import ModelNotFoundError
 if TYPE_CHECKING:
     from PIL import Image
 
-    from app.services import StudioServices
 
 log = logging.getLogger(__name__)
 
 FOLDER_NAME = "safety_checker"
+SAFETY_KEY = "sdstudio_safety_checker"
+"""The ``override_settings`` key that asks the worker to screen a job's images."""
+HELD_BACK = "Safety checker: held back"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _loaded: dict[Path, Any] = {}
 _load_lock = threading.Lock()
@@ -88,36 +93,40 @@ def flag_images(models_root: Path, images: Sequence[Image.Image]) -> list[bool]:
     return flagged
 
 
+def mark_held_back(infotext: str) -> str:
+    """The infotext of a held-back image: A1111's parameter line gains ``Safety checker: held back``."""
+    return f"{infotext}, {HELD_BACK}" if infotext else HELD_BACK
+
+
+def worker_screen(models_root: Path) -> Any:
+    """For a worker: a function flagging one image (the checker's files are required up front, so a
+    job asking for screening fails with the reason rather than passing pictures unscreened)."""
+    require_safety_checker(models_root)
+    return lambda image: flag_images(models_root, [image])[0]
+
+
 def screen_files(models_root: Path, paths: Sequence[str | Path]) -> list[bool]:
-    """Check image files; a flagged one is replaced (atomically) by a black image of its size."""
+    """Which image files were held back: those the worker marked (see the module docstring), and any
+    other the checker flags now, which is replaced (atomically) by a black image of its size."""
     from PIL import Image
 
     images = []
+    marked = []
     for path in paths:
         with Image.open(path) as image:
+            marked.append(HELD_BACK in str(image.info.get("parameters", "")))
             images.append(image.convert("RGB"))
-    flags = flag_images(models_root, images)
-    for path, image, flagged in zip(paths, images, flags, strict=True):
-        if flagged:
+    if all(marked):
+        return marked
+    flags = [
+        True if was_marked else flag
+        for was_marked, flag in zip(marked, flag_images(models_root, images), strict=True)
+    ]
+    for path, image, flagged, was_marked in zip(paths, images, flags, marked, strict=True):
+        if flagged and not was_marked:
             target = Path(path)
             temp = target.with_name(f".{target.name}.screened")
             Image.new("RGB", image.size, "black").save(temp, format="PNG")
             os.replace(temp, target)
             log.info("safety checker held back %s", target.name)
     return flags
-
-
-def screen_job_when_done(services: StudioServices, job_id: str) -> threading.Thread:
-    """Screen a queued job's images as soon as it finishes (API runs of a checked preset)."""
-
-    def watch() -> None:
-        status = services.queue.wait(job_id)
-        if status.state == "done" and status.images:
-            try:
-                screen_files(services.settings.models_dir, status.images)
-            except (OSError, ModelNotFoundError) as exc:
-                log.error("safety checker could not screen job %s: %s", job_id, exc)
-
-    thread = threading.Thread(target=watch, name=f"screen-{job_id}", daemon=True)
-    thread.start()
-    return thread

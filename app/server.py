@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from app.auth import parse_credentials
 from app.settings import StudioSettings
+from app.ui.job_runner import BROWSER_ID_HEAD
 
 if TYPE_CHECKING:
     from app.services import StudioServices
@@ -34,20 +36,69 @@ def serve(settings: StudioSettings, *, block: bool = True) -> int:
 
         set_max_pixels(settings.max_pixels)  # before any worker process starts: they inherit it
     serve_api = settings.api or settings.nowebui
-    if settings.listen and not settings.nowebui and not ui_credentials:
-        log.warning("--listen without --auth: anyone on your network can use this studio")
-    if settings.listen and serve_api and not api_credentials:
-        log.warning("--listen with --api but without --api-auth: anyone on your network can use the API")
+    announcement = startup_announcement(
+        settings, ui_open=not ui_credentials, api_open=serve_api and not api_credentials
+    )
     services = StudioServices.create(settings)
     services.start_queue()
     if settings.preload_model and services.registry.checkpoints():
         services.workers.set_default_model(services.selected_checkpoint, load=True, timeout=0)
     if not serve_api:
-        return _launch_ui_only(services, ui_credentials, block=block)
+        return _launch_ui_only(services, ui_credentials, block=block, announcement=announcement)
 
     app = build_served_app(services, ui_credentials, api_credentials)
-    _run_uvicorn(app, settings, block=block)
+    _run_uvicorn(app, settings, block=block, announcement=announcement)
     return 0
+
+
+def lan_addresses() -> list[str]:
+    """This PC's IPv4 addresses that others on the LAN can reach (loopback left out)."""
+    import socket
+
+    found: list[str] = []
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            found.append(str(info[4][0]))
+    except OSError:
+        pass
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # no packet is sent
+        try:
+            probe.connect(("10.254.254.254", 1))
+            found.append(str(probe.getsockname()[0]))
+        except OSError:
+            pass
+    unique = dict.fromkeys(a for a in found if not a.startswith(("127.", "0.")))
+    return list(unique)
+
+
+def startup_announcement(settings: StudioSettings, *, ui_open: bool, api_open: bool) -> list[str]:
+    """The lines printed once the studio answers: where to open it, and (last, so nobody misses
+    it) who else can reach it. ``--listen`` lists the LAN addresses a colleague can open, never
+    ``0.0.0.0``."""
+    port = settings.port
+    lines = ["", f"SD Studio is ready: open http://127.0.0.1:{port} on this PC"]
+    if settings.listen:
+        addresses = lan_addresses()
+        if addresses:
+            lines.append("Others on your network can open:")
+            lines += [f"  http://{address}:{port}" for address in addresses]
+        else:
+            lines.append(f"No network address found; others reach this PC's address on port {port}.")
+        if not settings.nowebui and ui_open:
+            lines.append(
+                "WARNING: --listen without --auth: anyone on your network can use this studio and see "
+                "its pictures. Add --auth user:password."
+            )
+        if api_open:
+            lines.append(
+                "WARNING: --listen with --api but without --api-auth: anyone on your network can use "
+                "the API. Add --api-auth user:password."
+            )
+    return lines
+
+
+def _announce(lines: list[str]) -> None:
+    print("\n".join(lines), flush=True)
 
 
 def studio_credentials(settings: StudioSettings) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -75,7 +126,13 @@ def build_served_app(
     return app
 
 
-def _launch_ui_only(services: StudioServices, credentials: list[tuple[str, str]], *, block: bool) -> int:
+def _launch_ui_only(
+    services: StudioServices,
+    credentials: list[tuple[str, str]],
+    *,
+    block: bool,
+    announcement: list[str] | None = None,
+) -> int:
     from app.ui import build_ui
     from app.ui_file_guard import output_guard_kwargs
 
@@ -89,12 +146,16 @@ def _launch_ui_only(services: StudioServices, credentials: list[tuple[str, str]]
         auth=credentials or None,
         allowed_paths=[str(settings.outputs_dir)],
         max_file_size=f"{settings.max_upload_mb:g}mb",
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,
         show_error=False,
-        quiet=False,
+        quiet=not settings.share,  # our own lines say where to go (gradio's would say 0.0.0.0)
         run_history=False,  # never keep users' inputs and images in browser storage
         app_kwargs=output_guard_kwargs(services, credentials),
+        head=BROWSER_ID_HEAD,  # the id that brings a user's jobs back after a reload
     )
+    _announce(announcement or [])
+    if block:
+        demo.block_thread()
     return 0
 
 
@@ -119,6 +180,7 @@ def _mount_ui(app: Any, services: StudioServices, credentials: list[tuple[str, s
         show_error=False,
         run_history=False,
         app_kwargs=output_guard_kwargs(services, credentials),
+        head=BROWSER_ID_HEAD,
     )
     for route in app.router.routes:
         if getattr(route, "path", None) == "" and hasattr(route, "app"):  # the Mount at "/"
@@ -162,7 +224,9 @@ class GradioErrorBoundary:
                 await send({"type": "http.response.body", "body": b"Internal Server Error"})
 
 
-def _run_uvicorn(app: Any, settings: StudioSettings, *, block: bool) -> None:
+def _run_uvicorn(
+    app: Any, settings: StudioSettings, *, block: bool, announcement: list[str] | None = None
+) -> None:
     import uvicorn
 
     # A restart leaves the running job "running" in the job store on purpose: startup requeues
@@ -172,6 +236,14 @@ def _run_uvicorn(app: Any, settings: StudioSettings, *, block: bool) -> None:
             app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5
         )
     )
+
+    def announce_when_started() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.1)
+        if server.started:
+            _announce(announcement or [])
+
+    threading.Thread(target=announce_when_started, name="announce", daemon=True).start()
     if block:
         server.run()
     else:

@@ -66,6 +66,7 @@ def build_engine(
             outputs_root=outputs_root or settings.outputs_dir,
             memory_preset=settings.memory_preset,
             memory_overrides=overrides,
+            speed_defaults=settings.speed_defaults(),
             models_root=settings.models_dir,
             lora_dir=paths.folder("lora"),
             embeddings_dir=paths.folder("embedding"),

@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 SECRET_FIELDS = ("auth", "api_auth")
 
-MemoryPresetName = Literal["auto", "high", "medvram", "lowvram", "cpu"]
+MemoryPresetName = Literal["auto", "high", "medvram", "lowvram", "lowvram-sequential", "cpu"]
 
 
 class StudioSettings(BaseSettings):
@@ -53,6 +53,17 @@ class StudioSettings(BaseSettings):
     channels_last: bool = False
     compile: bool = False
     tf32: bool = True
+    fp8_unet: bool = Field(
+        False, description="Store UNet weights in float8 (layerwise casting): about half the VRAM of fp16."
+    )
+    # Per-job speed options: the studio's defaults, used when a job gives no value of its own.
+    cache_interval: int = Field(
+        1, ge=1, le=10, description="Step caching (DeepCache): full UNet every N steps; 1 = off."
+    )
+    token_merging_ratio: float = Field(
+        0.0, ge=0.0, le=0.9, description="Token merging (ToMe): share of tokens merged; 0 = off."
+    )
+    fast_decode: bool = Field(False, description="Decode the final image with TAESD (drafts).")
 
     # Web UI defaults (Settings tab); read when a page loads, so a change needs no restart.
     default_sampler: str = Field("Euler a", description="Sampler the txt2img/img2img tabs start with.")
@@ -137,7 +148,17 @@ class StudioSettings(BaseSettings):
             overrides["compile"] = True
         if not self.tf32:
             overrides["tf32"] = False
+        if self.fp8_unet:
+            overrides["fp8_unet"] = True
         return overrides
+
+    def speed_defaults(self) -> dict[str, Any]:
+        """The per-job speed options a job gets when it sets none (``ImageEngine`` reads them)."""
+        return {
+            "cache_interval": self.cache_interval,
+            "token_merging_ratio": self.token_merging_ratio,
+            "fast_decode": self.fast_decode,
+        }
 
     def save(self, only: Iterable[str] | None = None) -> None:
         """Persist the settings a user changed in the Settings tab (atomic write).

@@ -13,6 +13,14 @@ pipeline (and its memory) in seconds: the real generator costs 10-40 s per 256-p
 small CPU, i.e. hours for a 60 s clip.
 
     .venv/bin/python bench/talking_head.py [--clips 10 60] [--generator real|stand-in] [--batch-size 2]
+
+``--compare-renderer`` instead times the face generator alone on one input batch, interleaved, best
+of ``--runs``: the reference's order (``generator(source, driving_kp, source_kp)`` per batch of
+frames, as its ``make_animation`` loop does) against ours (``sadtalker/fast_render.py``: fused
+layers, the source volume cached across the clip) in fp32 and in the bf16 "fast" mode; it prints
+the per-frame times, the ratios and each mode's largest difference from the reference frames.
+
+    .venv/bin/python bench/talking_head.py --compare-renderer [--size 256] [--batch-size 2] [--runs 2]
 """
 
 from __future__ import annotations
@@ -128,6 +136,62 @@ def run_child(args: argparse.Namespace) -> None:
     )
 
 
+def compare_renderer(args: argparse.Namespace) -> dict[str, float]:
+    """Reference generator forward vs our fused renderer on the same random-weight generator."""
+    import torch
+
+    from sadtalker.fast_render import optimize_generator
+    from sadtalker.networks.factory import build_sub_model
+
+    torch.manual_seed(0)
+    generator = build_sub_model("generator").eval().to(args.device)
+    batch = args.batch_size
+    source_image = torch.rand(1, 3, args.size, args.size, device=args.device)
+    source_kp = torch.rand(1, 15, 3, device=args.device) * 2 - 1
+    driving_kp = source_kp + 0.05 * torch.randn(batch, 15, 3, device=args.device)
+    source_kp = source_kp.expand(batch, -1, -1)
+    fused = {"fp32": optimize_generator(generator, "fp32"), "bf16": optimize_generator(generator, "bf16")}
+    volumes = {name: model.encode_source(source_image) for name, model in fused.items()}
+
+    def reference() -> torch.Tensor:
+        return generator(source_image.expand(batch, -1, -1, -1), driving_kp, source_kp)["prediction"]
+
+    def ours(name: str) -> torch.Tensor:
+        volume = volumes[name].expand(batch, *volumes[name].shape[1:])
+        return fused[name].render(volume, driving_kp, source_kp)["prediction"]
+
+    variants = {
+        "reference": reference,
+        "ours fp32": lambda: ours("fp32"),
+        "ours bf16 (fast)": lambda: ours("bf16"),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for _ in range(args.runs):
+            for name, run in variants.items():
+                started = time.perf_counter()
+                outputs[name] = run()
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[name].append((time.perf_counter() - started) / batch)
+    best_reference = min(times["reference"])
+    print(
+        f"face generator, {args.size} px, batch {batch}, {args.device} "
+        f"(torch threads {torch.get_num_threads()}), best of {args.runs} interleaved runs:"
+    )
+    ratios = {}
+    for name, values in times.items():
+        difference = (outputs[name] - outputs["reference"]).abs().max().item()
+        ratios[name] = min(values) / best_reference
+        print(
+            f"  {name:>18}: {min(values):7.2f} s/frame (runs {', '.join(f'{v:.2f}' for v in values)}); "
+            f"time vs reference {ratios[name]:.3f}x; max |frame - reference| {difference:.2e}",
+            flush=True,
+        )
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -137,10 +201,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models-dir", type=Path, default=None, help="a models/ folder with SadTalker/")
+    parser.add_argument("--compare-renderer", action="store_true", help="time the face generator alone")
+    parser.add_argument("--size", type=int, default=256, help="--compare-renderer: 256 or 512")
+    parser.add_argument("--runs", type=int, default=2, help="--compare-renderer: interleaved runs")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=10.0, help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.compare_renderer:
+        compare_renderer(args)
+        return
     if args.child:
         run_child(args)
         return

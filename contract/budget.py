@@ -275,7 +275,8 @@ def _open_size(source: Any) -> tuple[int, int] | None:
 
 
 def checked_image_size(field: str, value: Any) -> tuple[int, int] | None:
-    """:func:`image_size`, with the image itself checked (named ``field``) against the budget and
+    """:func:`image_size`, with the image itself decoded (a missing file, a text file named .png or a
+    truncated download is refused naming ``field``), checked against the budget and
     against PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, ~89 megapixels), whichever
     is lower: an image given to a job is decoded whole, and only resized down from there, so pixels
     beyond that limit are a risk and never a benefit."""
@@ -295,6 +296,9 @@ def checked_image_size(field: str, value: Any) -> tuple[int, int] | None:
         )
     if size is not None:
         check_pixels(field, "the image", *size)
+    from contract.image_inputs import check_image_input
+
+    check_image_input(field, value, read_files=local_files_readable())  # decoded whole, once
     return size
 
 

@@ -27,6 +27,9 @@ from contract.controlnet import ControlNetUnit
 
 MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1
+MAX_CACHE_INTERVAL = 10
+MAX_TOKEN_MERGING_RATIO = 0.9
+SPEED_FIELDS = ("cache_interval", "token_merging_ratio", "fast_decode")
 
 
 def random_seed() -> int:
@@ -59,6 +62,11 @@ class OverrideSettings(TypedDict, total=False):
     eta_noise_seed_delta: Annotated[
         Annotated[int, Field(ge=0, le=MAX_SEED)] | None, BeforeValidator(_not_a_bool)
     ]
+    cache_interval: Annotated[
+        Annotated[int, Field(ge=1, le=MAX_CACHE_INTERVAL)] | None, BeforeValidator(_not_a_bool)
+    ]
+    token_merging_ratio: Annotated[float, Field(ge=0.0, le=MAX_TOKEN_MERGING_RATIO)] | None
+    fast_decode: bool | None
 
 
 class GenerationRequest(BaseModel):
@@ -93,6 +101,25 @@ class GenerationRequest(BaseModel):
         "default, or RestoreFormer).",
     )
     tiling: bool | None = Field(None, description="Seamless tiling: the image wraps around at its edges.")
+    cache_interval: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CACHE_INTERVAL,
+        description="Step caching (DeepCache): run the full UNet every N steps and reuse its deep "
+        "features in between; 1 = off, none = the studio's setting.",
+    )
+    token_merging_ratio: float | None = Field(
+        None,
+        ge=0.0,
+        le=MAX_TOKEN_MERGING_RATIO,
+        description="Token merging (ToMe): share of the highest-resolution self-attention tokens merged; "
+        "0 = off, none = the studio's setting.",
+    )
+    fast_decode: bool | None = Field(
+        None,
+        description="Decode the final image with TAESD (models/VAE-approx): fast, lower quality (drafts); "
+        "none = the studio's setting.",
+    )
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     override_settings: OverrideSettings = Field(
@@ -220,6 +247,18 @@ class GenerationRequest(BaseModel):
         name = self.override_settings.get("face_restoration_model")
         return str(name) if name else "GFPGAN"
 
+    def speed_settings(self) -> dict[str, Any]:
+        """The speed options this job sets: a request field, else ``override_settings``; options it
+        leaves out take the studio's defaults."""
+        chosen: dict[str, Any] = {}
+        for name in SPEED_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                value = self.override_settings.get(name)
+            if value is not None:
+                chosen[name] = value
+        return chosen
+
     @property
     def image_count(self) -> int:
         return self.batch_size * self.n_iter
@@ -259,11 +298,18 @@ class Txt2ImgRequest(GenerationRequest):
         return self
 
 
+_JOB_UNION_TAGS = {"txt2img", "img2img", "extras", "talking_head"}
+"""Pydantic puts the discriminator's value first in the location of an error in a job union."""
+
+
 def format_validation_error(error: ValidationError) -> str:
     """One readable line per problem, each naming the field: ``width: must be a multiple of 8``."""
     lines = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item.get("loc", ()))
+        parts = list(item.get("loc", ()))
+        if len(parts) > 0 and parts[0] in _JOB_UNION_TAGS:  # the tag of the job-kind union, not a field
+            parts = parts[1:]
+        location = ".".join(str(part) for part in parts)
         message = str(item.get("msg", "invalid value"))
         message = message.removeprefix("Value error, ")
         if not location or message.startswith(f"{location}: "):

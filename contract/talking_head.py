@@ -51,6 +51,11 @@ class TalkingHeadRequest(BaseModel):
     ref_eyeblink: Path | None = Field(None, description="A video whose eye blinks are copied.")
     ref_pose: Path | None = Field(None, description="A video whose head motion is copied.")
     batch_size: int = Field(2, ge=1, le=64, description="Frames rendered at once.")
+    render_precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Face renderer: fp32 (fused layers, same frames as the reference to float32 rounding) "
+        "or bf16 (fast mode: the 2-D decoder in bfloat16, visibly close but not equal).",
+    )
     seed: int = Field(-1, ge=-1, le=MAX_SEED, description="-1 picks a random seed.")
     input_yaw: list[float] | None = Field(
         None, min_length=1, description="Head yaw path in degrees: the head turns through these angles."

@@ -10,4 +10,5 @@ that each decision can be unit-tested with faked inputs (captured ``nvidia-smi``
 * :mod:`installer.disk`: free-space checks with the amount needed, in words.
 * :mod:`installer.pip_steps`: quiet pip runs with one progress line per step and a full log.
 * :mod:`installer.environment`: the ``.venv`` life cycle that ``launch.py`` drives.
+* :mod:`installer.launch_command`: how the user started the studio, for the commands hints print.
 """

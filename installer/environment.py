@@ -32,7 +32,7 @@ from pathlib import Path
 
 from installer import disk
 from installer.gpu import GpuReport, detect_nvidia
-from installer.pip_steps import StepFailedError, StepRunner, dry_run_requested, format_command, new_log_path
+from installer.pip_steps import StepFailedError, StepRunner, dry_run_requested, new_log_path
 from installer.torch_builds import (
     PYTORCH_WHEEL_BASE,
     TorchPlan,
@@ -507,7 +507,9 @@ def ensure_environment(root: Path, script: Path, argv: Sequence[str]) -> None:
             say(str(exc))
             raise SystemExit(1) from None
     if options.install_only:
-        say(f"install finished. Start the studio with: {format_command(['python', 'launch.py'])}")
+        from installer.launch_command import launch_command
+
+        say(f"install finished. Start the studio with: {launch_command()}")
         raise SystemExit(0)
     if in_venv or python == Path(sys.executable):
         return

@@ -245,9 +245,9 @@ def driver_too_old_message(report: GpuReport, system: str) -> str:
 
 def reinstall_command(system: str) -> str:
     """The one command that re-chooses and reinstalls PyTorch, in the user's shell."""
-    if platform_key(system) == "win32":
-        return r".\launch.bat --reinstall-torch"
-    return "python3 launch.py --reinstall-torch"
+    from installer.launch_command import launch_command
+
+    return launch_command("--reinstall-torch", system="win32" if platform_key(system) == "win32" else "linux")
 
 
 def gpu_unusable_message(

@@ -35,13 +35,17 @@ ProgressCallback = Callable[[ProgressEvent], None]
 class JobControl:
     """Thread-safe interrupt/skip flags a UI, API or queue sets while the engine runs.
 
-    ``interrupt`` stops the job after the current step and keeps finished images;
-    ``skip`` abandons only the current batch and carries on with the next one (A1111's Skip).
+    ``interrupt`` stops the job after the current step and keeps finished images, plus the
+    current batch decoded as it stands (A1111 returns the partly denoised picture: artists
+    interrupt when they like the preview); ``skip`` abandons only the current batch and carries on
+    with the next one (A1111's Skip).
     """
 
     def __init__(self) -> None:
         self._interrupt = threading.Event()
         self._skip = threading.Event()
+        self.stopped_at: tuple[int, int] | None = None
+        """``(step, steps)`` where an interrupt cut sampling short; its images are marked as such."""
 
     def interrupt(self) -> None:
         self._interrupt.set()

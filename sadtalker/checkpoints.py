@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from installer.launch_command import launch_command
 from sadtalker.errors import SadTalkerCheckpointError, SadTalkerError
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ def download_hint(file_name: str) -> str:
     """Where to get an official file: our downloader, or the official release/hub repository."""
     return (
         "Download it with "
-        f"`python launch.py download vinthony/SadTalker --kind SadTalker --file {file_name}` "
+        f"`{launch_command('download vinthony/SadTalker --kind SadTalker --file', file_name)}` "
         "(or take it from the official SadTalker release, https://github.com/OpenTalker/SadTalker/releases, "
         f"or https://huggingface.co/vinthony/SadTalker) and put it in models/{SADTALKER_FOLDER}/."
     )

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -110,6 +110,7 @@ class TalkingHeadEngine:
         self._mappings: dict[str, MappingNet] = {}
         self._landmarker: FaceLandmarker | None = None
         self._load_lock = threading.Lock()
+        self._fast_generators: dict[tuple[int, str], Any] = {}
 
     # --- models ---------------------------------------------------------------------------------
 
@@ -143,6 +144,21 @@ class TalkingHeadEngine:
             return self._landmarker
 
     # --- the job ----------------------------------------------------------------------------------
+
+    def _fast_generator(self, generator: Any, precision: str) -> Any:
+        """The fused evaluation of the loaded face generator (``sadtalker/fast_render.py``), built once
+        per generator and precision; anything else (a stand-in) is used as it is."""
+        from sadtalker.fast_render import optimize_generator
+        from sadtalker.networks.generator import WarpingSpadeGenerator
+
+        if not isinstance(generator, WarpingSpadeGenerator):
+            return generator
+        key = (id(generator), precision)
+        cached = self._fast_generators.get(key)
+        if cached is None or cached[0] is not generator:
+            cached = (generator, optimize_generator(generator, precision))  # type: ignore[arg-type]
+            self._fast_generators[key] = cached
+        return cached[1]
 
     def run(
         self,
@@ -236,7 +252,7 @@ class TalkingHeadEngine:
         with clock.stage("render"):
             renderer = FrameRenderer(
                 kp_extractor=models.kp_extractor,
-                generator=models.generator,
+                generator=self._fast_generator(models.generator, request.render_precision),
                 mapping=mapping,
                 source_image=face.image,
                 coefficients=driving,

@@ -925,7 +925,7 @@ def test_standard_download_command() -> None:
     assert STANDARD_SD15 == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert STANDARD_SD15_FILE == "v1-5-pruned-emaonly.safetensors"
     assert standard_download_command() == (
-        "python launch.py download stable-diffusion-v1-5/stable-diffusion-v1-5 "
+        "python3 launch.py download stable-diffusion-v1-5/stable-diffusion-v1-5 "
         "--file v1-5-pruned-emaonly.safetensors"
     )
     assert standard_download_command("models/") == standard_download_command()

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from pydantic import ValidationError
 
 from contract.images import Img2ImgRequest, Txt2ImgRequest
-from pipelines.generation.image_ops import ImageInputError
 
 COMMON = {"prompt": "a cabin in the woods", "steps": 4, "seed": 21, "sampler_name": "Euler"}
 
@@ -181,10 +181,15 @@ def test_non_image_input_is_a_clear_error_and_writes_nothing(studio, tmp_path: P
     bogus = tmp_path / "notes.txt"
     bogus.write_text("this is not a picture")
     before = set(studio.engine.config.outputs_root.rglob("*"))
-    with pytest.raises(ImageInputError, match="init_images: not a readable image"):
-        studio.engine.img2img(Img2ImgRequest(**COMMON, init_images=[str(bogus)], width=64, height=64))
-    with pytest.raises(ImageInputError, match="init_images: not an image file path and not base64"):
-        studio.engine.img2img(Img2ImgRequest(**COMMON, init_images=["no such file.png"], width=64, height=64))
+    # refused when the request is built, before any model is loaded, naming the field
+    with pytest.raises(ValidationError, match=r"init_images\.0: not an image file \(text/plain\)"):
+        Img2ImgRequest(**COMMON, init_images=[str(bogus)], width=64, height=64)
+    with pytest.raises(ValidationError, match=r"init_images\.0: file not found: no such file\.png"):
+        Img2ImgRequest(**COMMON, init_images=["no such file.png"], width=64, height=64)
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(picture(tmp_path / "whole.png").read_bytes()[:200])
+    with pytest.raises(ValidationError, match=r"mask: the image file is truncated"):
+        Img2ImgRequest(**COMMON, init_images=[str(picture(tmp_path / "in.png"))], mask=str(truncated))
     after = set(studio.engine.config.outputs_root.rglob("*"))
     assert after == before
 

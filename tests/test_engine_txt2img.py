@@ -202,8 +202,12 @@ def test_interrupt_keeps_finished_images(studio) -> None:
         Txt2ImgRequest(prompt="x", seed=1, n_iter=3, **SMALL), control=control, on_progress=on_progress
     )
     assert result.interrupted
-    assert [img.seed for img in result.images] == [1]
+    # the finished batch, then the interrupted one decoded as it stood (A1111 keeps it too)
+    assert [img.seed for img in result.images] == [1, 2]
     assert seen_batches == {0, 1}
+    assert "Interrupted" not in result.images[0].infotext
+    assert f"Interrupted: at step 1 of {SMALL['steps']}" in result.images[1].infotext
+    assert result.images[1].path.is_file() and result.info()["interrupted"] is True
 
     stop_at_once = JobControl()
     stop_at_once.interrupt()

@@ -152,7 +152,7 @@ def test_missing_weights_name_the_file_and_the_download(astronaut: Image.Image, 
     message = str(caught.value)
     assert str(Path("GFPGAN") / "GFPGANv1.4.pth") in message
     url = "https://github.com/TencentARC/GFPGAN/releases/download/v1.3.4/GFPGANv1.4.pth"
-    assert f"python launch.py download {url} --kind GFPGAN" in message
+    assert f"python3 launch.py download {url} --kind GFPGAN" in message
 
 
 def test_non_model_safetensors_is_a_clear_error(astronaut: Image.Image, tmp_path: Path) -> None:

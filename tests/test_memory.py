@@ -350,10 +350,10 @@ def test_medvram_preset_uses_model_offload_and_vae_slicing(
     assert line_for(lines, "offload").startswith("offload: model CPU offload to cuda")
 
 
-def test_lowvram_preset_uses_sequential_offload_slicing_and_tiling(
+def test_lowvram_sequential_preset_uses_sequential_offload_slicing_and_tiling(
     pipe: StableDiffusionPipeline, fake_cuda: FakeCuda
 ) -> None:
-    lines = apply_memory_options(pipe, MEMORY_PRESETS["lowvram"], CUDA)
+    lines = apply_memory_options(pipe, MEMORY_PRESETS["lowvram-sequential"], CUDA)
 
     fake_cuda.sequential_offload.assert_called_once_with(device=CUDA)
     fake_cuda.model_offload.assert_not_called()
@@ -483,7 +483,9 @@ def test_sdxl_lowvram_with_float32_vae_generates(monkeypatch: pytest.MonkeyPatch
     """SDXL: both text encoders are cast, the VAE stays float32 (force_upcast off) and it runs."""
     sdxl = tiny_pipeline("sdxl")
     fake_cuda = FakeCuda(sdxl, monkeypatch)
-    options = MemoryOptions.model_validate({**MEMORY_PRESETS["lowvram"].model_dump(), "no_half_vae": True})
+    options = MemoryOptions.model_validate(
+        {**MEMORY_PRESETS["lowvram-sequential"].model_dump(), "no_half_vae": True}
+    )
 
     lines = apply_memory_options(sdxl, options, CUDA)
 
@@ -603,7 +605,8 @@ def test_every_chosen_preset_exists() -> None:
 def test_lower_memory_preset_chain() -> None:
     assert lower_memory_preset("high") == "medvram"
     assert lower_memory_preset("medvram") == "lowvram"
-    assert lower_memory_preset("lowvram") is None
+    assert lower_memory_preset("lowvram") == "lowvram-sequential"
+    assert lower_memory_preset("lowvram-sequential") is None
     assert lower_memory_preset("cpu") is None
     with pytest.raises(ValueError, match="Unknown memory preset 'ultra'"):
         lower_memory_preset("ultra")
@@ -619,7 +622,7 @@ def test_presets_match_their_a1111_counterparts() -> None:
     )
     assert (medvram.offload, medvram.vae_slicing, medvram.vae_tiling) == ("model", True, False)
     assert (lowvram.offload, lowvram.attention_slicing, lowvram.vae_slicing, lowvram.vae_tiling) == (
-        "sequential",
+        "group",
         True,
         True,
         True,

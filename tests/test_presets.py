@@ -296,3 +296,73 @@ def test_ui_tab_runs_a_preset_and_saves_from_the_last_job(
 
     with gr.Blocks():
         presets_tab.build(studio)
+
+
+def test_a_controlnet_unit_naming_no_annotator_takes_the_photo_through_canny() -> None:
+    body = {"prompt": "{prompt}", "steps": 2, "controlnet_units": [{"model": CONTROLNET, "weight": 0.8}]}
+    preset = preset_from_request("edges", "txt2img", body, longest_side=96)
+    assert preset.needs_photo
+    request = build_preset_request(preset, "a knight", phone_photo("PNG"))
+    unit = request.controlnet_units[0]
+    assert unit.module == "canny" and unit.image and (request.width, request.height) == (64, 96)
+
+
+def tiny_safety_checker(folder: Path, *, flags_everything: bool) -> None:
+    """A random-weight safety checker whose concept thresholds flag every image (or none)."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-10.0 if flags_everything else 10.0)
+        checker.special_care_embeds_weights.fill_(10.0)
+    checker.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder
+    )
+
+
+def test_a_checked_preset_is_screened_in_the_worker_before_any_file_exists(studio, presets) -> None:
+    """The flagged picture never reaches outputs/: the worker sends a black image marked held back."""
+    import shutil
+
+    folder = Path(studio.settings.models_dir) / "safety_checker"
+    tiny_safety_checker(folder, flags_everything=True)
+    try:
+        body = {"prompt": "a {prompt}", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler"}
+        presets.save(
+            preset_from_request("checked", "txt2img", body, safety_checker=True),
+            studio.registry,
+            models_root=studio.settings.models_dir,
+        )
+        _, job_id = submit_preset_job(studio, presets, "checked", "cat", None, owner="tester", seed=3)
+        status = studio.queue.wait(job_id, timeout=300)
+        assert status.state == "done", status.error
+        [path] = status.images
+        with Image.open(path) as image:
+            assert "Safety checker: held back" in image.info["parameters"]
+            assert np.asarray(image.convert("RGB")).max() == 0
+        from app.safety_checker import screen_files
+
+        assert screen_files(studio.settings.models_dir, [path]) == [True]  # front ends read the mark
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

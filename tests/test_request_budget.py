@@ -26,6 +26,8 @@ from contract.images import ExtrasRequest, Img2ImgRequest, Txt2ImgRequest, forma
 from contract.talking_head import TalkingHeadRequest
 
 ROOT = Path(__file__).resolve().parent.parent
+# a whole 8x8 PNG: images are decoded when a request is built
+TINY_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAADElEQVR4nGNgGB4AAADIAAGtQHYiAAAAAElFTkSuQmCC"
 
 
 def png_base64(width: int, height: int, mode: str = "RGB") -> str:
@@ -126,7 +128,7 @@ def test_budget_is_derived_from_ram_without_torch_and_settable(monkeypatch: pyte
         "from contract.images import ExtrasRequest, Img2ImgRequest\n"
         "from contract.budget import current_budget\n"
         "current_budget()\n"
-        "Img2ImgRequest(init_images=['iVBORw0KGgo='])\n"
+        f"Img2ImgRequest(init_images=['{TINY_PNG}'])\n"
         "assert 'torch' not in sys.modules, 'validation imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

@@ -122,11 +122,13 @@ def start_head(settings: StudioSettings) -> str:
             "already running on this PC, stop it with `.venv/bin/ray stop`; port "
             f"{PORTS['gcs']} must be free."
         )
+    from installer.launch_command import launch_command
+
     address = f"{lan_address()}:{PORTS['gcs']}"
     os.environ.update(auth_environment(token))
     print(
         "\nStudio cluster head started. On each other PC (in its SD Studio folder) run:\n\n"
-        f"    python3 launch.py --cluster-join {address} --cluster-token {token}\n\n"
+        f"    {launch_command('--cluster-join', address, '--cluster-token', token)}\n\n"
         f"(or copy {settings.data_dir / 'cluster_token'} into that PC's data/ folder and leave out "
         "--cluster-token). Keep the token secret: it admits a PC to run code in the cluster.\n",
         flush=True,

@@ -238,7 +238,6 @@ class DiscordFrontEnd:
                 draw.prompt,
                 photo,
                 owner=owner_for(draw.user_id),
-                screen=False,
             )
         except PromptRefusedError as exc:
             self.store.give_back_quota(draw.user_id)

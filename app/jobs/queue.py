@@ -171,6 +171,7 @@ class JobQueue:
         self.cost_model = JobCostModel()
         self.stats = QueueStats()
         self._spread: dict[str, SpreadJob] = {}
+        self._cancelled: set[str] = set()  # running jobs a user cancelled (not merely interrupted)
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -221,6 +222,7 @@ class JobQueue:
                 return True
             live = self._live.get(job_id)
             if live is not None:
+                self._cancelled.add(job_id)  # ends "cancelled", with the picture as it stood
                 self._control(job_id, live, "interrupt")
                 return True
         return False
@@ -455,7 +457,9 @@ class JobQueue:
         if merged.state == "done":
             images = [paths.get(ref, ref) for ref in merged.artifacts]
             result = {"images": images, "info": replace_refs(merged.info, paths)}
-        self.store.finish(spread.job_id, merged.state, result=result, error=merged.error)
+        state = "cancelled" if spread.job_id in self._cancelled else merged.state
+        self._cancelled.discard(spread.job_id)
+        self.store.finish(spread.job_id, state, result=result, error=merged.error)
         self._live.pop(spread.job_id, None)
         self._spread.pop(spread.job_id, None)
 
@@ -531,10 +535,16 @@ class JobQueue:
             if best_idle is None or key < (round(best_idle[0], 3), best_idle[1]):
                 best_idle = (predicted, rank * 1000 + order, handle, features, predicted)
         assert best_idle is not None
+        # Waiting for a busy worker compares speeds with the model loaded on both: a model load is
+        # paid once, and an idle worker judged by it alone would never be given a job to load it.
+        chosen = best_idle[2]
+        intrinsic = self.cost_model.predict_seconds(
+            chosen.worker_id, chosen.state.current_family, request_features(record.request, loaded=True)
+        )
         for handle in self.workers.handles:
             if handle.ready and handle.current_job is not None and self.cost_model.runs() >= len(idle) + 1:
                 _, predicted = self._predict(record, handle)
-                if self._remaining(handle) + predicted < 0.8 * best_idle[0]:
+                if self._remaining(handle) + predicted < 0.8 * intrinsic:
                     return None
         return best_idle[2], best_idle[3], best_idle[4]
 
@@ -673,7 +683,9 @@ class JobQueue:
             result = None
             if outcome.state == "done":
                 result = {"images": images, "info": replace_refs(outcome.info, paths)}
-            self.store.finish(message.job_id, outcome.state, result=result, error=outcome.error)
+            state = "cancelled" if message.job_id in self._cancelled else outcome.state
+            self._cancelled.discard(message.job_id)
+            self.store.finish(message.job_id, state, result=result, error=outcome.error)
             self._live.pop(message.job_id, None)
             if handle.current_job == message.job_id:
                 handle.current_job = None

@@ -1,6 +1,7 @@
 """The Gradio UI: one module per tab, each exporting ``build(services)``.
 
-Tabs, in A1111's order: txt2img, img2img, Extras, PNG Info, Talking head, Settings, Queue. The
+Tabs, in A1111's order: txt2img, img2img, Extras, PNG Info, Image Browser, Talking head, Presets,
+Settings, Queue. The
 tabs share no per-user data: each keeps its own ``gr.State``; what they share is the studio
 (``services``: settings, models, the job queue). ``build_ui`` then connects the "send to"
 buttons between tabs.
@@ -55,6 +56,7 @@ def build_ui(services: StudioServices) -> Any:
 
     from app.ui import (
         extras_tab,
+        image_browser_tab,
         img2img_tab,
         png_info_tab,
         presets_tab,
@@ -77,6 +79,8 @@ def build_ui(services: StudioServices) -> Any:
                 extras = extras_tab.build(services)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo") as pages["pnginfo"]:
                 png_info = png_info_tab.build(services)
+            with gr.Tab("Image Browser", id="browser", elem_id="tab_browser") as pages["browser"]:
+                browser = image_browser_tab.build(services)
             with gr.Tab("Talking head", id="talking_head", elem_id="tab_talking_head") as pages[
                 "talking_head"
             ]:
@@ -91,6 +95,8 @@ def build_ui(services: StudioServices) -> Any:
             tabs=tabs, txt2img=txt2img, img2img=img2img, extras=extras, talking_head_image=talking_head_image
         )
         send_to.wire(services, targets, png_info)
+        _wire_image_browser(services, targets, browser, pages["browser"])
+        _restore_jobs_on_load(services, demo, {"txt2img": txt2img, "img2img": img2img, "extras": extras})
         # the Queue tab refreshes itself only while it is open
         quiet: dict[str, Any] = {"show_progress": "hidden", "concurrency_limit": None}
         for name, page in pages.items():
@@ -104,6 +110,37 @@ def build_ui(services: StudioServices) -> Any:
         pages["queue"].select(queue.refresh_lists, outputs=queue.tables, **quiet)
     hide_internal_endpoints(demo)
     return demo
+
+
+def _wire_image_browser(services: StudioServices, targets: Any, browser: Any, page: Any) -> None:
+    """The browser lists outputs whenever its tab is opened; its send buttons reach every tab."""
+    from app.ui import send_to
+
+    quiet: dict[str, Any] = {"show_progress": "hidden", "concurrency_limit": None}
+    page.select(browser.reload, inputs=browser.inputs, outputs=browser.outputs, **quiet)
+    for target, button in browser.send_buttons.items():
+        if target == "talking_head" and targets.talking_head_image is None:
+            button.visible = False
+            continue
+        send_to.wire_button(services, targets, button, target, {browser.state}, browser.source)
+
+
+def _restore_jobs_on_load(services: StudioServices, demo: Any, tabs: dict[str, Any]) -> None:
+    """On every page load (a reload, a new tab, after a restart of the studio) each generation tab
+    gets this user's last results back from the durable queue, or follows their running job."""
+    from app.ui.job_runner import GPU_CONCURRENCY_ID, GPU_EVENT_LIMIT, JobRunner
+    from app.ui.results_panel import restore_handler
+
+    runner = JobRunner(services)
+    for kind, tab in tabs.items():
+        demo.load(
+            restore_handler(tab.panel, runner, kind),
+            inputs={tab.panel.state},
+            outputs=tab.panel.outputs,
+            show_progress="hidden",
+            concurrency_id=GPU_CONCURRENCY_ID,
+            concurrency_limit=GPU_EVENT_LIMIT,
+        )
 
 
 def hide_internal_endpoints(demo: Any) -> None:

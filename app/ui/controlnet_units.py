@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
+from app.ui.checked_images import CheckedImage, readable
 from app.ui.generation_controls import field_default, field_range
 from app.ui.images import encode_png
 from app.ui.job_runner import GPU_CONCURRENCY_ID, GPU_EVENT_LIMIT, user_message
@@ -68,7 +69,7 @@ class UnitControls:
         """The API unit for this unit's controls, or None when it is off."""
         if not data.get(self.enabled):
             return None
-        image = data.get(self.image)
+        image = readable(data.get(self.image))
         if image is None:
             raise ValueError(
                 f"ControlNet Unit {self.index}: it is enabled but has no control image; upload one."
@@ -174,7 +175,8 @@ def _build_unit(
 
     unit_id = f"{prefix}_cn{index}"
     with gr.Row():
-        image = gr.Image(
+        image = CheckedImage(
+            field=f"ControlNet Unit {index} control image",
             label="Control image",
             type="pil",
             image_mode="RGB",
@@ -283,7 +285,10 @@ def _wire_unit(
             run_preprocessor,
         )
 
-        image = data[unit.image]
+        try:
+            image = readable(data[unit.image])
+        except ValueError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
         if image is None:
             raise gr.Error(
                 f"ControlNet Unit {unit.index}: upload a control image first.", print_exception=False

@@ -25,9 +25,11 @@ def build(services: StudioServices, *, after_download: Any = None, refreshed: An
             filename = gr.Textbox(label="File in repo (optional)", value=STANDARD_SD15_FILE, scale=2)
             kind = gr.Dropdown(label="Folder", choices=list(MODEL_KINDS), value="Stable-diffusion", scale=1)
         button = gr.Button("Download")
-        log = gr.Textbox(label="Download log", lines=3, interactive=False)
+        log = gr.Textbox(label="Download log", lines=3, interactive=False, elem_id="download_log")
 
-    def download(data: dict[Any, Any], progress: gr.Progress = gr.Progress(track_tqdm=True)) -> str:  # noqa: B008
+    def download(data: dict[Any, Any]) -> str:
+        """The log keeps what happened, a failure included: a toast vanishes after seconds, and an
+        expected failure (a wrong name, no network) is the user's to fix, not a traceback."""
         from pipelines.models.download import DownloadError, download_model
 
         messages: list[str] = []
@@ -40,11 +42,31 @@ def build(services: StudioServices, *, after_download: Any = None, refreshed: An
                 on_message=messages.append,
             )
         except DownloadError as exc:
-            raise gr.Error(str(exc)) from None
+            messages.append(f"Download failed: {exc}")
+            gr.Warning(f"Download failed: {exc}")
+            raise DownloadFailed("\n".join(messages)) from None
         services.registry.refresh()
         messages += [f"saved {path}" for path in paths]
         return "\n".join(messages)
 
-    event = button.click(download, inputs={source, filename, kind}, outputs=log, concurrency_id="download")
+    def download_into_log(
+        data: dict[Any, Any],
+        progress: gr.Progress = gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's progress hook
+    ) -> tuple[str, bool]:
+        try:
+            return download(data), True
+        except DownloadFailed as failed:
+            return str(failed), False
+
+    ok = gr.State(False)
+    event = button.click(
+        download_into_log, inputs={source, filename, kind}, outputs=[log, ok], concurrency_id="download"
+    )
     if after_download is not None:
-        event.success(after_download, outputs=refreshed)
+        event.success(
+            lambda succeeded: after_download() if succeeded else gr.update(), inputs=ok, outputs=refreshed
+        )
+
+
+class DownloadFailed(Exception):  # noqa: N818 - carries the log text, not a programming error
+    """A download that failed for a reason the user can act on; its text is the whole log."""

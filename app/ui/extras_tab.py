@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from app.ui import results_panel
+from app.ui.checked_images import CheckedImage, check_uploaded_file, readable
 from app.ui.generation_controls import field_default, slider
 from app.ui.images import encode_png
 from app.ui.job_runner import GPU_CONCURRENCY_ID, GPU_EVENT_LIMIT
@@ -70,7 +71,8 @@ def build(services: StudioServices) -> ExtrasTab:
         with gr.Column(scale=1):
             with gr.Tabs(elem_id=f"{PREFIX}_mode_tabs") as mode_tabs:
                 with gr.Tab("Single Image", id="single") as tab_single:
-                    image = gr.Image(
+                    image = CheckedImage(
+                        field="Extras source image",
                         label="Source",
                         type="pil",
                         image_mode="RGBA",
@@ -122,7 +124,7 @@ def build(services: StudioServices) -> ExtrasTab:
                 fields["upscaler_2"] = gr.Dropdown(
                     choices=choices, value=field_default(ExtrasRequest, "upscaler_2"), label="Upscaler 2"
                 )
-                refresh = gr.Button("🔄", scale=0, min_width=48)
+                refresh = gr.Button("🔄 Refresh", size="sm", scale=0, min_width=100)
             fields["extras_upscaler_2_visibility"] = slider(
                 ExtrasRequest, "extras_upscaler_2_visibility", "Upscaler 2 visibility", step=0.01
             )
@@ -172,10 +174,13 @@ def build(services: StudioServices) -> ExtrasTab:
             uploaded = data[files] or []
             if not uploaded:
                 raise ValueError("Batch Process: drop one or more images first.")
-            return [str(getattr(item, "name", item)) for item in uploaded]
+            return [
+                check_uploaded_file("Batch Process image", str(getattr(item, "name", item)))
+                for item in uploaded
+            ]
         if active == "folder":
             return [str(path) for path in folder_images(data[folder] or "", services.settings.outputs_dir)]
-        if data[image] is None:
+        if readable(data[image]) is None:
             raise ValueError("Extras: upload an image first.")
         return [encode_png(data[image])]
 

@@ -119,6 +119,9 @@ class GenerationControls:
     clip_skip: Any
     restore_faces: Any = None
     tiling: Any = None
+    cache_interval: Any = None
+    token_merging_ratio: Any = None
+    fast_decode: Any = None
     fields: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -140,6 +143,9 @@ class GenerationControls:
             "clip_skip",
             "restore_faces",
             "tiling",
+            "cache_interval",
+            "token_merging_ratio",
+            "fast_decode",
         ):
             if getattr(self, name) is not None:
                 self.fields.setdefault(name, getattr(self, name))
@@ -228,7 +234,9 @@ def build_model_row(services: StudioServices, prefix: str) -> tuple[Any, Any, An
             elem_id=f"{prefix}_vae",
             scale=2,
         )
-        refresh = gr.Button("🔄", elem_id=f"{prefix}_refresh_models", scale=0, min_width=48)
+        refresh = gr.Button(
+            "🔄 Refresh", size="sm", elem_id=f"{prefix}_refresh_models", scale=0, min_width=100
+        )
 
     def refresh_models() -> tuple[Any, Any]:
         services.registry.refresh("checkpoint")
@@ -300,7 +308,7 @@ def build_parameters(
         with gr.Column(scale=4):
             width = slider(model, "width", "Width", step=8, elem_id=f"{prefix}_width")
             height = slider(model, "height", "Height", step=8, elem_id=f"{prefix}_height")
-        swap = gr.Button("⇅", elem_id=f"{prefix}_swap_size", scale=0, min_width=48)
+        swap = gr.Button("⇅ Swap", size="sm", elem_id=f"{prefix}_swap_size", scale=0, min_width=80)
         with gr.Column(scale=2):
             n_iter = slider(model, "n_iter", "Batch count", step=1, elem_id=f"{prefix}_batch_count")
             batch_size = slider(model, "batch_size", "Batch size", step=1, elem_id=f"{prefix}_batch_size")
@@ -315,8 +323,10 @@ def build_parameters(
             elem_id=f"{prefix}_seed",
             scale=4,
         )
-        random_seed = gr.Button("🎲", elem_id=f"{prefix}_random_seed", scale=0, min_width=48)
-        reuse_seed = gr.Button("♻️", elem_id=f"{prefix}_reuse_seed", scale=0, min_width=48)
+        random_seed = gr.Button(
+            "🎲 Random", size="sm", elem_id=f"{prefix}_random_seed", scale=0, min_width=100
+        )
+        reuse_seed = gr.Button("♻️ Reuse", size="sm", elem_id=f"{prefix}_reuse_seed", scale=0, min_width=90)
         extra_seed = gr.Checkbox(label="Extra", value=False, elem_id=f"{prefix}_extra_seed", scale=1)
     with gr.Row(visible=False) as variation_row:
         subseed = gr.Number(
@@ -337,6 +347,7 @@ def build_parameters(
                 label="Restore faces (GFPGAN)", value=False, elem_id=f"{prefix}_restore_faces"
             )
             tiling = gr.Checkbox(label="Tiling (seamless)", value=False, elem_id=f"{prefix}_tiling")
+        speed = build_speed_controls(services, model, prefix)
 
     swap.click(lambda w, h: (h, w), inputs=[width, height], outputs=[width, height], show_progress="hidden")
     random_seed.click(lambda: RANDOM_SEED, outputs=seed, show_progress="hidden", queue=False)
@@ -376,4 +387,36 @@ def build_parameters(
         clip_skip=clip_skip,
         restore_faces=restore_faces,
         tiling=tiling,
+        **speed,
     )
+
+
+def build_speed_controls(
+    services: StudioServices, model: type[GenerationRequest], prefix: str
+) -> dict[str, Any]:
+    """This job's speed options, starting from the studio's defaults (Settings tab)."""
+    with gr.Row():
+        cache_interval = gr.Slider(
+            label="Step caching: full UNet every N steps (1 = off)",
+            step=1,
+            value=lambda: services.settings.cache_interval,
+            **field_range(model, "cache_interval"),
+            elem_id=f"{prefix}_cache_interval",
+        )
+        token_merging_ratio = gr.Slider(
+            label="Token merging ratio (0 = off)",
+            step=0.05,
+            value=lambda: services.settings.token_merging_ratio,
+            **field_range(model, "token_merging_ratio"),
+            elem_id=f"{prefix}_token_merging_ratio",
+        )
+        fast_decode = gr.Checkbox(
+            label="Fast decode (TAESD, drafts)",
+            value=lambda: services.settings.fast_decode,
+            elem_id=f"{prefix}_fast_decode",
+        )
+    return {
+        "cache_interval": cache_interval,
+        "token_merging_ratio": token_merging_ratio,
+        "fast_decode": fast_decode,
+    }

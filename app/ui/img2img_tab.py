@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from app.ui import controlnet_units, generation_controls, presets_tab, results_panel
+from app.ui.checked_images import CheckedImage, CheckedImageEditor, readable
 from app.ui.generation_controls import GenerationControls, slider
 from app.ui.images import encode_png, flatten
 from app.ui.job_runner import GPU_CONCURRENCY_ID, GPU_EVENT_LIMIT
@@ -29,6 +30,12 @@ MODES = {
     "inpaint_upload": "Inpaint upload",
 }
 INPAINT_MODES = ("inpaint", "inpaint_upload")
+MODE_INPUTS = {
+    "img2img": ("init_image",),
+    "sketch": ("sketch",),
+    "inpaint": ("inpaint",),
+    "inpaint_upload": ("inpaint_image", "inpaint_mask"),
+}
 RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
 MASK_MODES = ["Inpaint masked", "Inpaint not masked"]
 MASKED_CONTENT = ["fill", "original", "latent noise", "latent nothing"]
@@ -74,8 +81,10 @@ def mask_from_layers(editor: dict[str, Any]) -> Image.Image | None:
 
 
 def source_images(mode: str, data: dict[str, Any]) -> tuple[Image.Image, Image.Image | None]:
-    """(init image, mask or None) for the active sub-tab; a missing input is a ValueError that
-    tells the user what to upload."""
+    """(init image, mask or None) for the active sub-tab; a missing or unreadable input is a
+    ValueError that tells the user what to upload."""
+    for key in MODE_INPUTS.get(mode, ()):
+        readable(data.get(key))
     if mode == "sketch":
         editor = data["sketch"] or {}
         image = editor.get("composite") or editor.get("background")
@@ -104,10 +113,16 @@ def source_images(mode: str, data: dict[str, Any]) -> tuple[Image.Image, Image.I
     return flatten(image), None
 
 
-def _upload_image(label: str, elem_id: str, **extra: Any) -> Any:
-    """An RGBA picture the user uploads or pastes."""
-    return gr.Image(
-        label=label, type="pil", image_mode="RGBA", sources=["upload", "clipboard"], elem_id=elem_id, **extra
+def _upload_image(label: str, elem_id: str, *, field: str, **extra: Any) -> Any:
+    """An RGBA picture the user uploads or pastes (an unreadable file is reported by ``field``)."""
+    return CheckedImage(
+        label=label,
+        type="pil",
+        image_mode="RGBA",
+        sources=["upload", "clipboard"],
+        elem_id=elem_id,
+        field=field,
+        **extra,
     )
 
 
@@ -121,9 +136,12 @@ def build(services: StudioServices) -> Img2ImgTab:
         with gr.Column(scale=1):
             with gr.Tabs(elem_id=f"{PREFIX}_mode_tabs") as mode_tabs:
                 with gr.Tab(MODES["img2img"], id="img2img") as tab_img2img:
-                    init_image = _upload_image("Image for img2img", f"{PREFIX}_image", height=420)
+                    init_image = _upload_image(
+                        "Image for img2img", f"{PREFIX}_image", field="init image", height=420
+                    )
                 with gr.Tab(MODES["sketch"], id="sketch") as tab_sketch:
-                    sketch = gr.ImageEditor(
+                    sketch = CheckedImageEditor(
+                        field="sketch image",
                         label="Sketch on the image",
                         type="pil",
                         sources=["upload", "clipboard"],
@@ -131,7 +149,8 @@ def build(services: StudioServices) -> Img2ImgTab:
                         height=420,
                     )
                 with gr.Tab(MODES["inpaint"], id="inpaint") as tab_inpaint:
-                    inpaint = gr.ImageEditor(
+                    inpaint = CheckedImageEditor(
+                        field="inpaint image",
                         label="Paint the area to change",
                         type="pil",
                         sources=["upload", "clipboard"],
@@ -141,8 +160,10 @@ def build(services: StudioServices) -> Img2ImgTab:
                         height=420,
                     )
                 with gr.Tab(MODES["inpaint_upload"], id="inpaint_upload") as tab_upload, gr.Row():
-                    inpaint_image = _upload_image("Image", f"{PREFIX}_inpaint_base")
-                    inpaint_mask = _upload_image("Mask (white = change)", f"{PREFIX}_inpaint_mask")
+                    inpaint_image = _upload_image("Image", f"{PREFIX}_inpaint_base", field="inpaint image")
+                    inpaint_mask = _upload_image(
+                        "Mask (white = change)", f"{PREFIX}_inpaint_mask", field="mask"
+                    )
             resize_mode = gr.Radio(
                 choices=list(enumerate_choices(RESIZE_MODES)),
                 value=0,
@@ -204,7 +225,7 @@ def build(services: StudioServices) -> Img2ImgTab:
                         scale=4,
                     )
                     extra["detect_size"] = gr.Button(
-                        "📐", elem_id=f"{PREFIX}_detect_size", scale=0, min_width=48
+                        "📐 Detect size", size="sm", elem_id=f"{PREFIX}_detect_size", scale=0, min_width=120
                     )
 
             controls = generation_controls.build_parameters(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import io
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,11 +89,47 @@ class RunUpdate:
     error: str | None = None
 
 
+BROWSER_ID_COOKIE = "sdstudio_browser"
+"""A random id the page keeps in the browser (``localStorage`` and a cookie, see
+:data:`BROWSER_ID_HEAD`), so a user without ``--auth`` finds their jobs again after a reload."""
+
+BROWSER_ID_HEAD = f"""<script>
+(() => {{
+  const key = "{BROWSER_ID_COOKIE}";
+  let id = null;
+  try {{ id = localStorage.getItem(key); }} catch (e) {{}}
+  if (!id || !/^[0-9a-f]{{32}}$/.test(id)) {{
+    const match = document.cookie.match(new RegExp("(?:^|; )" + key + "=([0-9a-f]{{32}})"));
+    id = match ? match[1] : Array.from(crypto.getRandomValues(new Uint8Array(16)),
+      (b) => b.toString(16).padStart(2, "0")).join("");
+    try {{ localStorage.setItem(key, id); }} catch (e) {{}}
+  }}
+  document.cookie = key + "=" + id + "; path=/; max-age=31536000; SameSite=Strict";
+}})();
+</script>"""
+
+
+def browser_id(request: Any) -> str | None:
+    """The id this browser keeps for the studio (None before the page has set it)."""
+    import re
+
+    try:
+        cookies = getattr(request, "cookies", None) or {}
+        value = cookies.get(BROWSER_ID_COOKIE)
+    except Exception:  # a request object without cookies (e.g. built by a test or the API)
+        return None
+    return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{32}", value) else None
+
+
 def job_owner(request: Any) -> str:
-    """Who owns a job: the logged-in user (``--auth``), else this browser session."""
+    """Who owns a job: the logged-in user (``--auth``), else this browser (its kept id, so jobs
+    come back after a reload or a restart of the studio), else this page session."""
     username = getattr(request, "username", None) if request is not None else None
     if username:
         return str(username)
+    kept = browser_id(request) if request is not None else None
+    if kept:
+        return f"browser-{kept}"
     session_hash = getattr(request, "session_hash", None) if request is not None else None
     return f"session-{session_hash}" if session_hash else "local"
 
@@ -207,6 +244,54 @@ class JobRunner:
         for job_id in queue.running_ids():
             if job_id in session.job_ids:
                 queue.skip(job_id)
+
+    def restore(self, session: TabSession, owner: str, kind: str) -> RunUpdate | None:
+        """After a reload: put the owner's jobs of ``kind`` back into a fresh session, from the
+        durable queue. Waiting or running jobs are followed again (the caller then streams
+        :meth:`follow`, and None is returned); else the newest finished job is shown with its
+        results. Returns what to show for a finished job, or None."""
+        queue = self.services.start_queue()
+        records = [record for record in queue.store.list(owner=owner, limit=100) if record.kind == kind]
+        if not records:
+            return None
+        active = [record for record in reversed(records) if record.state in ("queued", "running")]
+        if active:
+            session.start(
+                [record.id for record in active],
+                {record.id: int(record.request.get("n_iter", 1) or 1) for record in active},
+            )
+            return None
+        newest = records[0]
+        status = queue.status(newest.id)
+        if status is None:
+            return None
+        session.start([newest.id], {newest.id: int(newest.request.get("n_iter", 1) or 1)})
+        self._collect(session, 0, status)
+        session.images = [image for image in session.images if Path(image.path).is_file()]  # deleted since
+        if session.images and session.images[0].seed is not None:
+            session.last_seed = session.images[0].seed
+        if status.info:
+            session.notes.extend(status.info.get("notes", []))
+        when = time.strftime("%H:%M", time.localtime(newest.finished or newest.created))
+        count = len(session.images)
+        noun = "image" if count == 1 else "images"
+        if status.state == "failed":
+            return RunUpdate(
+                f"Your last job ({when}) failed: {status.error or 'no reason given'}",
+                1.0,
+                "failed",
+                images_changed=True,
+                finished=True,
+            )
+        interrupted = status.state == "cancelled" or bool((status.info or {}).get("interrupted"))
+        state_text = "interrupted" if interrupted else "done"
+        return RunUpdate(
+            f"Your last job ({when}, {state_text}): {count} {noun}",
+            1.0,
+            "cancelled" if interrupted else "done",
+            images_changed=True,
+            finished=True,
+        )
 
     # following --------------------------------------------------------------------------------
     def follow(self, session: TabSession) -> Iterator[RunUpdate]:

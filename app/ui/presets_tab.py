@@ -249,7 +249,9 @@ def build(services: StudioServices) -> Any:
                     elem_id=f"{PREFIX}_preset",
                     allow_custom_value=False,
                 )
-                refresh = gr.Button("🔄", scale=0, min_width=48, elem_id=f"{PREFIX}_refresh")
+                refresh = gr.Button(
+                    "🔄 Refresh", size="sm", scale=0, min_width=100, elem_id=f"{PREFIX}_refresh"
+                )
             summary = gr.Markdown(preset_summary(services, names[0] if names else None))
             photo = gr.File(
                 label="Photo (JPEG, PNG, WebP, HEIC)",

@@ -98,6 +98,30 @@ class ResultsPanel:
             raise gr.Error(message, print_exception=False) from None
 
 
+def restore_handler(
+    panel: ResultsPanel, runner: JobRunner, kind: str
+) -> Callable[..., Iterator[dict[Any, Any]]]:
+    """The page-load handler that brings this user's jobs of ``kind`` back after a reload: the
+    last results in the gallery, or the waiting/running job followed live again."""
+
+    def restore(data: dict[Any, Any], request: gr.Request) -> Iterator[dict[Any, Any]]:
+        session = TabSession()
+        try:
+            shown = runner.restore(session, job_owner(request), kind)
+        except Exception as exc:  # a page must load even when the job store cannot be read
+            yield panel.failure(session, user_message(exc))
+            return
+        if shown is not None:
+            yield panel.show(session, shown)
+            return
+        if not session.job_ids:
+            return
+        for update in runner.follow(session):
+            yield panel.show(session, update)
+
+    return restore
+
+
 def build(prefix: str, *, send_targets: tuple[str, ...] = tuple(SEND_TARGETS)) -> ResultsPanel:
     """Render the panel (inside the caller's column) and wire gallery selection."""
     state = gr.State(TabSession())

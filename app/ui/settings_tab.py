@@ -22,7 +22,8 @@ MEMORY_PRESETS = {
     "auto": "auto (pick by GPU memory)",
     "high": "high (everything on the GPU)",
     "medvram": "medvram (model CPU offload, 6-8 GB)",
-    "lowvram": "lowvram (sequential offload, 2-4 GB)",
+    "lowvram": "lowvram (block group offload, 2-4 GB)",
+    "lowvram-sequential": "lowvram-sequential (A1111's sequential offload, least VRAM)",
     "cpu": "cpu (no GPU)",
 }
 ATTENTION_BACKENDS = {
@@ -41,6 +42,10 @@ SAVED_FIELDS = (
     "live_preview_every",
     "outputs_dir",
     "checkpoints_in_ram",
+    "fp8_unet",
+    "cache_interval",
+    "token_merging_ratio",
+    "fast_decode",
 )
 
 
@@ -78,13 +83,23 @@ def apply_settings(services: StudioServices, changes: dict[str, Any]) -> list[st
     lines = [f"Saved to {settings.config_file}."]
 
     memory_changed = (
-        before["memory_preset"] != settings.memory_preset or before["attention"] != settings.attention
+        before["memory_preset"] != settings.memory_preset
+        or before["attention"] != settings.attention
+        or before["fp8_unet"] != settings.fp8_unet
     )
     if memory_changed:
         services.workers.apply_settings(settings)
         lines.append(
             f"Memory preset '{settings.memory_preset}' and attention '{settings.attention}' apply from "
             "the next job (the workers restart with them between jobs)."
+        )
+    speed = ("cache_interval", "token_merging_ratio", "fast_decode")
+    if any(before[name] != getattr(settings, name) for name in speed):
+        services.workers.apply_settings(settings)
+        lines.append(
+            f"Speed defaults: step caching every {settings.cache_interval} step(s), token merging "
+            f"{settings.token_merging_ratio}, fast decode {'on' if settings.fast_decode else 'off'} "
+            "(new pages start with them; a job's own values win)."
         )
     if before["checkpoints_in_ram"] != settings.checkpoints_in_ram:
         services.workers.apply_settings(settings)
@@ -127,6 +142,30 @@ def build(services: StudioServices) -> None:
                 value=lambda: services.settings.attention,
                 label="Attention backend",
                 elem_id=f"{PREFIX}_attention",
+            )
+            components["fp8_unet"] = gr.Checkbox(
+                label="Store UNet weights in fp8 (about half the VRAM; reloads the model)",
+                value=lambda: services.settings.fp8_unet,
+                elem_id=f"{PREFIX}_fp8_unet",
+            )
+            components["cache_interval"] = gr.Slider(
+                label="Step caching: full UNet every N steps (1 = off), default for new jobs",
+                step=1,
+                value=lambda: services.settings.cache_interval,
+                **field_range(StudioSettings, "cache_interval"),
+                elem_id=f"{PREFIX}_cache_interval",
+            )
+            components["token_merging_ratio"] = gr.Slider(
+                label="Token merging ratio (0 = off), default for new jobs",
+                step=0.05,
+                value=lambda: services.settings.token_merging_ratio,
+                **field_range(StudioSettings, "token_merging_ratio"),
+                elem_id=f"{PREFIX}_token_merging_ratio",
+            )
+            components["fast_decode"] = gr.Checkbox(
+                label="Fast decode with TAESD (drafts), default for new jobs",
+                value=lambda: services.settings.fast_decode,
+                elem_id=f"{PREFIX}_fast_decode",
             )
             components["checkpoints_in_ram"] = gr.Slider(
                 label="Checkpoints kept in RAM",

@@ -25,8 +25,9 @@ def build(services: StudioServices, prefix: str, prompt: Any, negative_prompt: A
             elem_id=f"{prefix}_styles",
             scale=4,
         )
-        refresh = gr.Button("🔄", elem_id=f"{prefix}_refresh_styles", scale=0, min_width=40)
-        paste = gr.Button("📋", elem_id=f"{prefix}_apply_styles", scale=0, min_width=40)
+        with gr.Column(scale=0, min_width=90):  # stacked: side by side they wrap in this narrow column
+            refresh = gr.Button("🔄 Refresh", size="sm", elem_id=f"{prefix}_refresh_styles", min_width=90)
+            paste = gr.Button("📋 Apply", size="sm", elem_id=f"{prefix}_apply_styles", min_width=90)
     with gr.Accordion("Style editor", open=False, elem_id=f"{prefix}_style_editor"):
         name = gr.Dropdown(
             choices=store.names(),

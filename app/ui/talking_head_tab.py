@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import gradio as gr  # at module level: handlers' ``gr.Request`` annotations must resolve
+
+from installer.launch_command import launch_command
+
 if TYPE_CHECKING:
     from app.services import StudioServices
 
@@ -93,13 +97,58 @@ def request_from_form(values: dict[str, Any]) -> Any:
     )
 
 
-def build(services: StudioServices) -> TalkingHeadTab:
-    import gradio as gr
+def model_files_checklist(models_dir: Path) -> str:
+    """Markdown: every file the tab needs, present or missing (all of them, not just the first),
+    with the command that fetches each missing one, so an artist checks before uploading anything."""
+    from sadtalker.checkpoints import (
+        MAPPING_CROP_FILE,
+        MAPPING_FULL_FILE,
+        SADTALKER_FOLDER,
+        checkpoint_file_name,
+        find_sadtalker_files,
+    )
 
+    files = find_sadtalker_files(models_dir)
+    needed = [
+        (checkpoint_file_name(256), files.checkpoint_256, "the face renderer (256 px)"),
+        (MAPPING_CROP_FILE, files.mapping_crop, "head motion for crop / extcrop / resize"),
+        (MAPPING_FULL_FILE, files.mapping_full, "head motion for full / extfull"),
+    ]
+    optional = [(checkpoint_file_name(512), files.checkpoint_512, "the 512 px face renderer")]
+    missing = [name for name, found, _ in needed if found is None]
+    lines = [
+        "**Model files**: all present, ready to go."
+        if not missing
+        else f"**Model files**: {len(missing)} of {len(needed)} required file(s) missing from "
+        f"`models/{SADTALKER_FOLDER}/`; a video cannot be made until they are there."
+    ]
+    for name, found, purpose in [*needed, *optional]:
+        required = (name, found, purpose) in needed
+        mark = "✅ present" if found else ("❌ missing" if required else "optional, not present")
+        line = f"- `{name}` ({purpose}): {mark}"
+        if not found:
+            fetch = launch_command("download vinthony/SadTalker --kind SadTalker --file", name)
+            line += f"  \n  `{fetch}`"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def build(services: StudioServices) -> TalkingHeadTab:
     from app.ui.job_runner import JobRunner, TabSession, job_owner, user_message
     from pipelines.errors import StudioError
 
     gr.Markdown("Animate a portrait with a speech recording (SadTalker checkpoints in `models/SadTalker`).")
+    with gr.Row(equal_height=True):
+        checklist = gr.Markdown(
+            model_files_checklist(services.settings.models_dir), elem_id="talking_head_files"
+        )
+        recheck = gr.Button("Check files again", size="sm", scale=0, min_width=150)
+    recheck.click(
+        lambda: model_files_checklist(services.settings.models_dir),
+        outputs=checklist,
+        show_progress="hidden",
+        concurrency_limit=None,
+    )
     with gr.Row():
         with gr.Column():
             image = gr.Image(label="Portrait", type="filepath", elem_id="talking_head_image")

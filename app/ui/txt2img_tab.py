@@ -14,6 +14,7 @@ import gradio as gr
 from app.ui import (
     controlnet_units,
     download_panel,
+    extra_networks_panel,
     generation_controls,
     presets_tab,
     results_panel,
@@ -106,6 +107,7 @@ def build_header(services: StudioServices, prefix: str) -> TabHeader:
         with gr.Column(scale=2, min_width=260):
             generate, interrupt, skip = build_action_buttons(prefix)
             styles = styles_panel.build(services, prefix, prompt, negative)
+    extra_networks_panel.build(services, prefix, checkpoint)  # cards that insert <lora:...> tags
     return TabHeader(checkpoint, vae, refresh, prompt, negative, generate, interrupt, skip, styles)
 
 

@@ -230,6 +230,7 @@ class InProcessWorkerHandle(WorkerHandle):
         engine = self.runtime.engine
         engine.config.memory_preset = settings.memory_preset
         engine.config.memory_overrides = {**settings.memory_overrides(), "device": self.device}
+        engine.config.speed_defaults = settings.speed_defaults()
         engine.models.max_loaded = settings.checkpoints_in_ram
         engine.models.unload_all()
 

@@ -42,11 +42,21 @@ class ArtifactSink:
     job_id: str
     send: Send
     refs: list[str] = field(default_factory=list)
+    screen: Callable[[Image.Image], bool] | None = None
+    """The safety checker, when the job asks for it: a flagged image leaves as a black one."""
 
     def save_image(
         self, image: Image.Image, *, folder: str, seed: int, infotext: str, kind: str = "images"
     ) -> str:
         from pipelines.outputs.saving import encode_image
+
+        if self.screen is not None and self.screen(image):
+            from PIL import Image as PILImage
+
+            from app.safety_checker import mark_held_back
+
+            image = PILImage.new("RGB", image.size, "black")
+            infotext = mark_held_back(infotext)
 
         artifact = Artifact(
             kind="grid" if kind == "grids" else "image",
@@ -226,6 +236,10 @@ class WorkerRuntime:
             if getattr(request, "mode", None) == "talking_head":
                 return self._talking_head(request, message, send, control)
             sink = ArtifactSink(message.job_id, send)
+            if (getattr(request, "override_settings", None) or {}).get("sdstudio_safety_checker"):
+                from app.safety_checker import worker_screen
+
+                sink.screen = worker_screen(self.engine.models.registry.paths.models_root)
             reporter = _ProgressReporter(self, message, send, sdxl=self._sdxl())
             previous_sink = self.engine.config.image_sink
             self.engine.config.image_sink = sink

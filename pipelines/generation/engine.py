@@ -156,6 +156,9 @@ class EngineConfig:
     image_sink: ImageSink | None = None
     """Where finished images go; ``None``: saved under ``outputs_root`` (a worker passes a sink
     that sends them to the head instead)."""
+    speed_defaults: dict[str, Any] = field(default_factory=dict)
+    """The studio's per-job speed options (``cache_interval``, ``token_merging_ratio``,
+    ``fast_decode``) for jobs that set none."""
     face_detector: Callable[[], FaceDetector | None] | None = None
     """Gives the face detector for face restoration (None: OpenCV Haar); the app builds RetinaFace
     when its weights are installed. Called per job, so a newly dropped-in file is picked up."""
@@ -171,6 +174,8 @@ class _Job:
     on_progress: ProgressCallback | None
     notes: list[str]
     extra_infotext: dict[str, object] = field(default_factory=dict)
+    speed: Any = None
+    """This job's ``JobSpeedups`` (step caching, token merging, fast decode)."""
 
 
 class ImageEngine:
@@ -189,6 +194,7 @@ class ImageEngine:
         self._controlnets: Any = None
         self._annotator_cache: Any = None
         self._lora_hashes: dict[Any, str] = {}
+        self._fast_decoders: Any = None
 
     @property
     def upscaler_cache(self) -> Any:
@@ -300,11 +306,17 @@ class ImageEngine:
                 job.extra_infotext.update({"VAE hash": vae[1], "VAE": vae[0]})
             if request.tiling:
                 job.extra_infotext["Tiling"] = True
+            job.speed = self._speedups(request, loaded)
+            job.extra_infotext.update(job.speed.infotext())
             preset: str | None = None
             while True:
                 try:
-                    with seamless_tiling([loaded.pipe.unet, loaded.pipe.vae], enabled=bool(request.tiling)):
+                    with (
+                        seamless_tiling([loaded.pipe.unet, loaded.pipe.vae], enabled=bool(request.tiling)),
+                        job.speed.attached(loaded.pipe.unet),
+                    ):
                         images = mode(job, preset)
+                    notes.extend(job.speed.notes())
                     break
                 except Exception as exc:
                     if not is_out_of_memory(exc):
@@ -338,6 +350,50 @@ class ImageEngine:
         if control.interrupted and not images:
             raise GenerationInterruptedError("Interrupted before any image was finished.")
         return result
+
+    def _speedups(self, request: GenerationRequest, loaded: LoadedCheckpoint) -> Any:
+        """This job's speed options: its own, else the studio's defaults (``EngineConfig``)."""
+        from pipelines.generation.memory import unet_weights_in_fp8
+        from pipelines.generation.speedups import JobSpeedups, SpeedOptions
+
+        chosen = {**self.config.speed_defaults, **request.speed_settings()}
+        options = SpeedOptions(
+            cache_interval=int(chosen.get("cache_interval") or 1),
+            token_merging_ratio=float(chosen.get("token_merging_ratio") or 0.0),
+            fast_decode=bool(chosen.get("fast_decode")),
+        )
+        speed = JobSpeedups(options)
+        fp8_setting = self.memory_options(None, loaded.family.base)[1].fp8_unet
+        if fp8_setting or unet_weights_in_fp8(loaded.pipe.unet):
+            speed.extra_infotext["UNet weights"] = "fp8 e4m3fn"
+        return speed
+
+    def _decode_final(self, job: _Job, pipe: Any, latents: Any) -> list[Image.Image]:
+        """The last decode of a job: TAESD with ``fast_decode`` (when its weights are present), else
+        the pipeline's VAE."""
+        speed = job.speed
+        if speed is None or not speed.options.fast_decode:
+            return decode_latents(pipe, latents, job.notes)
+        from pipelines.generation.previews import LatentPreviewer
+        from pipelines.generation.speedups import decode_with_taesd
+
+        if self._fast_decoders is None:
+            self._fast_decoders = LatentPreviewer(self.models.registry.paths.folder("vae_approx"))
+        sdxl = job.loaded.family.is_sdxl
+        decoder = self._fast_decoders.taesd_decoder(sdxl=sdxl)
+        if decoder is None:
+            from installer.launch_command import launch_command
+
+            note = (
+                f"fast_decode: no {'TAESDXL' if sdxl else 'TAESD'} weights in "
+                f"{self._fast_decoders.vae_approx_dir}; decoded with the full VAE "
+                f"({launch_command('download madebyollin/taesd --kind VAE-approx')})"
+            )
+            if note not in job.notes:
+                job.notes.append(note)
+            return decode_latents(pipe, latents, job.notes)
+        job.extra_infotext["VAE decode"] = "TAESDXL" if sdxl else "TAESD"
+        return decode_with_taesd(pipe, decoder, latents)
 
     @contextmanager
     def _vae_for(
@@ -488,9 +544,17 @@ class ImageEngine:
         job.extra_infotext["Face restoration"] = model
         return restored
 
-    def _save(self, job: _Job, image: Image.Image, seed: int, subseed: int, folder: str) -> SavedImage:
+    def _save(
+        self,
+        job: _Job,
+        image: Image.Image,
+        seed: int,
+        subseed: int,
+        folder: str,
+        size: tuple[int, int] | None = None,
+    ) -> SavedImage:
         infotext = build_request_infotext(
-            job.request, job.loaded, seed=seed, subseed=subseed, extra=job.extra_infotext
+            job.request, job.loaded, seed=seed, subseed=subseed, extra=job.extra_infotext, size=size
         )
         ref = self.image_sink.save_image(image, folder=folder, seed=seed, infotext=infotext)
         if job.on_progress:
@@ -518,6 +582,8 @@ class ImageEngine:
         from pipelines.generation.samplers import build_scheduler
 
         request = job.request
+        if job.speed is not None:
+            job.speed.new_run()
         pipe.scheduler = build_scheduler(
             request.effective_sampler,
             request.scheduler,
@@ -586,13 +652,16 @@ class ImageEngine:
                 )
                 if latents is None:
                     continue
-                if getattr(request, "enable_hr", False):
+                _mark_interrupted(job)
+                if getattr(request, "enable_hr", False) and not job.control.interrupted:
                     images = self._hires_pass(job, pipe, embeds, latents, seeds, batch_index, preset)
                     if images is None:
                         continue
                 else:
+                    if getattr(request, "enable_hr", False):
+                        job.extra_infotext.setdefault("Interrupted", "before the hires fix")
                     self._decoding(job, batch_index)
-                    images = decode_latents(pipe, latents, job.notes)
+                    images = self._decode_final(job, pipe, latents)
                 images = self._restore_faces(job, images)
                 for i, image in enumerate(images):
                     saved.append(self._save(job, image, seeds[i], subseeds[i], folder))
@@ -676,8 +745,9 @@ class ImageEngine:
         )
         if result is None:
             return None
+        _mark_interrupted(job, "hires ")
         self._decoding(job, batch_index)
-        return decode_latents(second, result, job.notes)
+        return self._decode_final(job, second, result)
 
     def _upscale(
         self,
@@ -753,7 +823,10 @@ class ImageEngine:
                     if results is None:
                         continue
                 for i, image in enumerate(results):
-                    saved.append(self._save(job, image, seeds[i], subseeds[i], "img2img"))
+                    # The size img2img really worked at (an outpainted canvas, an untouched picture),
+                    # so that sending the infotext back reuses it; "only masked" keeps the crop's size.
+                    size = plans[i].size
+                    saved.append(self._save(job, image, seeds[i], subseeds[i], "img2img", size=size))
         return saved
 
     def _img2img_batch(
@@ -831,8 +904,9 @@ class ImageEngine:
             )
         if latents is None:
             return None
+        _mark_interrupted(job)
         self._decoding(job, batch_index)
-        images = self._restore_faces(job, decode_latents(pipe, latents, job.notes))
+        images = self._restore_faces(job, self._decode_final(job, pipe, latents))
         return [plan.finish(image) for plan, image in zip(plans, images, strict=True)]
 
     # extras ----------------------------------------------------------------------------------
@@ -1005,6 +1079,14 @@ def _unchanged_result(plan: Any) -> Image.Image:
     return plan.init
 
 
+def _mark_interrupted(job: _Job, stage: str = "") -> None:
+    """An interrupt cut this batch's sampling short: its images are kept (A1111 does), and their
+    infotext says so, so nobody mistakes them for the finished picture."""
+    stopped = job.control.stopped_at
+    if stopped is not None:
+        job.extra_infotext["Interrupted"] = f"at {stage}step {stopped[0]} of {stopped[1]}"
+
+
 def _blank_inpaint_inputs(width: int, height: int, count: int) -> dict[str, Any]:
     """txt2img with an inpainting checkpoint: the whole canvas is masked (A1111 does the same)."""
     from PIL import Image
@@ -1021,8 +1103,10 @@ def build_request_infotext(
     seed: int,
     subseed: int,
     extra: dict[str, object] | None = None,
+    size: tuple[int, int] | None = None,
 ) -> str:
-    """A1111's parameters text for one image of this request."""
+    """A1111's parameters text for one image of this request; ``size`` is the processing size when
+    it is not the request's ``width``x``height`` (outpainting grows the canvas)."""
     from pipelines.outputs.infotext import build_infotext
 
     params: dict[str, object | None] = {
@@ -1031,7 +1115,7 @@ def build_request_infotext(
         "Schedule type": request.scheduler,
         "CFG scale": request.cfg_scale,
         "Seed": seed,
-        "Size": f"{request.width}x{request.height}",
+        "Size": "{}x{}".format(*(size or (request.width, request.height))),
         "Model hash": loaded.short_hash,
         "Model": loaded.entry.name,
     }

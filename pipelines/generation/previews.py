@@ -167,6 +167,11 @@ class LatentPreviewer:
             self._decoders[sdxl] = model
             return model
 
+    def taesd_decoder(self, *, sdxl: bool) -> Any:
+        """The loaded TAESD (``AutoencoderTiny``) for this family, or None when its weights are absent
+        (the engine's ``fast_decode`` uses it for the final decode)."""
+        return self._taesd(sdxl=sdxl)
+
     def forget(self) -> None:
         """Drop loaded decoders (after weights were added to or removed from models/VAE-approx)."""
         with self._lock:

@@ -87,13 +87,17 @@ def denoise(
     on_progress: ProgressCallback | None,
 ) -> Any:
     """Call the pipeline for latents, reporting each step and stopping within one step on
-    interrupt/skip. Returns the latents, or None when the batch was stopped."""
+    interrupt/skip. Returns the latents, or None when the batch was skipped. On interrupt the
+    latents as they stand are returned (diffusers skips the remaining steps), so the caller can
+    keep the partly denoised picture; ``control.stopped_at`` records where it stopped."""
     import torch
 
     stopped = False
 
     def on_step_end(pipeline: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         nonlocal stopped
+        if stopped:
+            return tensors
         if on_progress:
             on_progress(
                 ProgressEvent(
@@ -108,11 +112,15 @@ def denoise(
         if control.should_stop_batch():
             stopped = True
             pipeline._interrupt = True
+            if control.interrupted and step + 1 < steps:
+                control.stopped_at = (step + 1, steps)
         return tensors
 
     with torch.inference_mode():
         output = pipe(**kwargs, output_type="latent", callback_on_step_end=on_step_end)
-    return None if stopped else output.images
+    if stopped and not control.interrupted:
+        return None
+    return output.images
 
 
 def decode_latents(pipe: Any, latents: Any, notes: list[str]) -> list[Image.Image]:

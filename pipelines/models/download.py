@@ -35,6 +35,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+from installer.launch_command import launch_command
+
 if TYPE_CHECKING:
     import requests
 
@@ -139,7 +141,7 @@ def standard_download_command(models_root_hint: str = "models") -> str:
     ``models_root_hint`` is the models folder the user runs SD Studio with; a non-default one is passed
     as ``--models-dir`` so the file lands where the app will look for it.
     """
-    command = f"python launch.py download {STANDARD_SD15} --file {STANDARD_SD15_FILE}"
+    command = launch_command("download", STANDARD_SD15, "--file", STANDARD_SD15_FILE)
     hint = models_root_hint.strip()
     if hint and hint.rstrip("/\\") not in ("models", "./models", ".\\models"):
         # Double quotes work in POSIX shells, PowerShell and cmd.exe alike; single quotes don't.

@@ -13,6 +13,39 @@ from pipelines.errors import StudioError
 
 PROMPT_SR = "prompt_sr"
 
+# A1111's names for the axes (``scripts/xyz_grid.py``'s ``AxisOption`` labels), which its users read
+# on the grid and in the infotext ("CFG Scale: 5", "X Type: CFG Scale"); fields A1111 has no axis for
+# get their name in words ("mask_blur" -> "Mask blur").
+AXIS_LABELS = {
+    "seed": "Seed",
+    "subseed": "Var. seed",
+    "subseed_strength": "Var. strength",
+    "steps": "Steps",
+    "hr_second_pass_steps": "Hires steps",
+    "cfg_scale": "CFG Scale",
+    "image_cfg_scale": "Image CFG Scale",
+    PROMPT_SR: "Prompt S/R",
+    "sampler_name": "Sampler",
+    "scheduler": "Schedule type",
+    "eta": "Eta",
+    "clip_skip": "Clip skip",
+    "denoising_strength": "Denoising",
+    "hr_upscaler": "Hires upscaler",
+    "hr_scale": "Hires upscale",
+    "styles": "Styles",
+    "restore_faces": "Face restore",
+    "token_merging_ratio": "Token merging ratio",
+    "width": "Width",
+    "height": "Height",
+}
+# Axes whose cells A1111 labels with the value alone ("Euler a", not "Sampler: Euler a").
+VALUE_ONLY_AXES = frozenset({PROMPT_SR, "sampler_name", "restore_faces"})
+
+
+def axis_label(field: str) -> str:
+    """A1111's label for the axis over ``field``."""
+    return AXIS_LABELS.get(field) or field.replace("_", " ").capitalize()
+
 
 class GridAxisError(StudioError):
     """An axis names an unknown field or has no values."""
@@ -23,11 +56,22 @@ class Axis:
     field: str
     values: tuple[str, ...]
 
+    @property
+    def label(self) -> str:
+        """A1111's name for this axis ("CFG Scale"), as the grid and its infotext show it."""
+        return axis_label(self.field)
+
+    def cell_label(self, value: str) -> str:
+        """One row/column heading: ``CFG Scale: 5``, or the value alone where A1111 writes that."""
+        return value if self.field in VALUE_ONLY_AXES else f"{self.label}: {value}"
+
     @classmethod
     def parse(cls, text: str, allowed_fields: set[str], *, option: str) -> Axis:
-        """``field=v1,v2,v3`` (A1111 also accepts ranges like ``10-30 (+10)``; so do we for ints)."""
+        """``field=v1,v2,v3`` (A1111 also accepts ranges like ``10-30 (+10)``; so do we for ints).
+        The field may also be written as A1111 names the axis (``CFG Scale=5,7``)."""
         name, sep, raw = text.partition("=")
-        name = name.strip().replace("-", "_")
+        by_label = {label.lower(): field for field, label in AXIS_LABELS.items()}
+        name = by_label.get(name.strip().lower(), name.strip().replace("-", "_"))
         if not sep or not raw.strip():
             raise GridAxisError(f"{option}: expected FIELD=VALUE1,VALUE2,... (got '{text}')")
         if name != PROMPT_SR and name not in allowed_fields:
@@ -98,18 +142,18 @@ def draw_grid(images: dict[tuple[str, ...], Image.Image], axes: list[Axis]) -> I
     for zi, z in enumerate(z_axis.values):
         top = zi * (title_h + block_h)
         if title_h:
-            draw.text((4, top + 4), f"{z_axis.field}: {z}", fill="black", font=font)
+            draw.text((4, top + 4), z_axis.cell_label(z), fill="black", font=font)
         for xi, x in enumerate(x_axis.values):
             draw.text(
                 (label_w + xi * cell_w + 4, top + title_h + 4),
-                f"{x_axis.field}: {x}",
+                x_axis.cell_label(x),
                 fill="black",
                 font=font,
             )
         for yi, y in enumerate(y_axis.values):
             row_top = top + title_h + label_h + yi * cell_h
             if label_w:
-                draw.text((4, row_top + cell_h // 2), f"{y_axis.field}: {y}", fill="black", font=font)
+                draw.text((4, row_top + cell_h // 2), y_axis.cell_label(y), fill="black", font=font)
             for xi, x in enumerate(x_axis.values):
                 key = tuple(v for v in (x, y, z)[: len(axes)])
                 cell = images.get(key)

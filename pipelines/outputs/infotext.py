@@ -379,6 +379,10 @@ def infotext_to_request_fields(info: InfoText) -> dict[str, object]:
         overrides["face_restoration_model"] = info.params["Face restoration"]
     if str(info.params.get("Tiling", "")).lower() == "true":
         fields["tiling"] = True
+    put("cache_interval", _safe(lambda: info.get_int("Cache interval")))
+    put("token_merging_ratio", _safe(lambda: info.get_float("Token merging ratio")))
+    if str(info.params.get("VAE decode", "")).upper().startswith("TAESD"):
+        fields["fast_decode"] = True
 
     model = info.params.get("Model") or info.params.get("Model hash")
     if model:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from installer.launch_command import launch_command
 from pipelines.errors import ModelNotFoundError, StudioError
 from pipelines.postprocess.upscalers import UPSCALER_SUFFIXES, ImageModelLoadError, UpscalerCache
 
@@ -171,7 +172,7 @@ _PLAIN_PATH = re.compile(r"[\w./\\:~-]+")
 
 
 def _download_command(models_root: Path, spec: FaceRestorerSpec) -> str:
-    command = f"python launch.py download {spec.source_url} --kind {spec.expected_file.split('/')[0]}"
+    command = launch_command("download", spec.source_url, "--kind", spec.expected_file.split("/")[0])
     command += " --allow-pickle"  # the official release is a .pth; SD Studio reads it weights-only
     root = str(models_root)
     if Path(models_root).name != "models":

@@ -307,6 +307,24 @@ def list_loras(lora_dir: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def lora_family_label(path: Path) -> str:
+    """The model family a LoRA file was trained for ("SD1.x", "SD2.x", "SDXL"...), from the tensor
+    shapes in its safetensors header (no tensor data is read); "unknown" for pickled files, whose
+    shapes cannot be read without loading them."""
+    from types import SimpleNamespace
+
+    if path.suffix.lower() != ".safetensors":
+        return "unknown"
+    try:
+        header = read_safetensors_header(path)
+    except CheckpointLoadError:
+        return "unknown"
+    shapes = {
+        name: SimpleNamespace(ndim=len(info.shape), shape=info.shape) for name, info in header.tensors.items()
+    }
+    return _lora_family_label(_lora_widths(shapes), read_safetensors_metadata(path))  # type: ignore[arg-type]
+
+
 # --- family checks -------------------------------------------------------------------------------
 
 

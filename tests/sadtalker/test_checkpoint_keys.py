@@ -36,7 +36,7 @@ from sadtalker.networks.mapping import HeadMotion
 OFFICIAL = json.loads((Path(__file__).parent / "official_checkpoint_keys.json").read_text())
 SHAPES = OFFICIAL["shapes"]
 COUNTER = "num_batches_tracked"
-DOWNLOAD_COMMAND = "python launch.py download vinthony/SadTalker --kind SadTalker --file"
+DOWNLOAD_COMMAND = "python3 launch.py download vinthony/SadTalker --kind SadTalker --file"
 
 
 def official_keys(section: str, prefix: str | None = None) -> dict[str, tuple[int, ...]]:

@@ -66,7 +66,12 @@ def test_every_request_field_is_a_flag() -> None:
             assert "--" + name.replace("_", "-") in flags, name
 
 
-def test_flags_become_the_request() -> None:
+def test_flags_become_the_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)  # the portraits must exist: images are decoded when a request is built
+    for name in ("face.png", "a.png"):
+        Image.new("RGB", (8, 8)).save(name)
     request = parse(
         *("--image", "face.png", "--audio", "speech.wav"),
         *("--input-yaw", "0", "15", "-10", "--input-pitch", "-5", "--input-roll", "2.5", "0"),

@@ -89,12 +89,18 @@ def test_audio_shorter_than_a_frame_and_missing_files(
         engine.run(TalkingHeadRequest(image=astronaut_png, audio=blip))
     with pytest.raises(AudioFileError, match="was not found"):
         engine.run(TalkingHeadRequest(image=astronaut_png, audio=tmp_path / "missing.mp3"))
-    with pytest.raises(ImageFileError, match="was not found"):
-        engine.run(TalkingHeadRequest(image=tmp_path / "missing.png", audio=silence))
     not_an_image = tmp_path / "portrait.png"
     not_an_image.write_text("not an image")
+    # Refused when the request is made (before any model loads), naming the field ...
+    with pytest.raises(ValidationError, match="image: file not found"):
+        TalkingHeadRequest(image=tmp_path / "missing.png", audio=silence)
+    with pytest.raises(ValidationError, match="image: not an image file"):
+        TalkingHeadRequest(image=not_an_image, audio=silence)
+    # ... and by the engine itself when a file went missing or bad after that.
+    with pytest.raises(ImageFileError, match="was not found"):
+        engine.run(TalkingHeadRequest.model_construct(image=tmp_path / "missing.png", audio=silence))
     with pytest.raises(ImageFileError, match="could not be read as an image"):
-        engine.run(TalkingHeadRequest(image=not_an_image, audio=silence))
+        engine.run(TalkingHeadRequest.model_construct(image=not_an_image, audio=silence))
     assert outputs_of(engine) == []
 
 

@@ -29,10 +29,24 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _uploaded_portrait() -> str:
+    """A real picture where Gradio would have stored the upload (requests check their images)."""
+    import tempfile
+
+    from PIL import Image
+
+    path = Path(tempfile.mkdtemp(prefix="gradio-upload-")) / "face.png"
+    Image.new("RGB", (64, 64), "gray").save(path)
+    return str(path)
+
+
+UPLOADED_PORTRAIT = _uploaded_portrait()
+
+
 def form_values(**changes: Any) -> dict[str, Any]:
     """What the components hand to the click handler, by field name (sliders give floats)."""
     values: dict[str, Any] = {
-        "image": "/tmp/gradio/face.png",
+        "image": UPLOADED_PORTRAIT,
         "audio": "/tmp/gradio/speech.wav",
         "pose_style": 3.0,
         "expression_scale": 1.0,

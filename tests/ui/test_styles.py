@@ -87,11 +87,15 @@ def test_executor_writes_styles_into_the_prompts(store: StyleStore) -> None:
     assert apply_request_styles(sent, store) is sent  # applying again changes nothing
 
 
-def test_requests_without_styles_pass_through(store: StyleStore) -> None:
+def test_requests_without_styles_pass_through(store: StyleStore, tmp_path: Path) -> None:
+    from PIL import Image
+
     engine = _RecordingEngine()
     executor = LocalExecutor(engine, styles=store)  # type: ignore[arg-type]
     plain = Txt2ImgRequest(prompt="a cat")
-    extras = ExtrasRequest(image="x.png")
+    picture = tmp_path / "x.png"  # image inputs are checked when a request is made (issue 12)
+    Image.new("RGB", (8, 8)).save(picture)
+    extras = ExtrasRequest(image=str(picture))
     executor.execute(plain)
     executor.execute(extras)
     assert engine.requests == [plain, extras]
