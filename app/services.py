@@ -7,6 +7,7 @@ process for the headless CLI and for ``--in-process-workers``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -44,6 +45,20 @@ def build_registry(settings: StudioSettings) -> ModelRegistry:
     return ModelRegistry(model_paths(settings), HashCache(settings.data_dir / "cache" / "hashes.json"))
 
 
+class _EmptyFp32Notice(logging.Filter):
+    """Drops diffusers' "modules ... should be kept in float32: []": with an empty list there is
+    nothing to keep, yet it is printed at every model load (issue 12: no warnings at every start)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+def quiet_empty_fp32_notice() -> None:
+    target = logging.getLogger("diffusers.models.modeling_utils")
+    if not any(isinstance(existing, _EmptyFp32Notice) for existing in target.filters):
+        target.addFilter(_EmptyFp32Notice())
+
+
 def build_engine(
     settings: StudioSettings,
     *,
@@ -52,6 +67,7 @@ def build_engine(
     registry: ModelRegistry | None = None,
 ) -> ImageEngine:
     """An engine with its own model cache; ``device`` pins it to one device (a worker's)."""
+    quiet_empty_fp32_notice()
     registry = registry or build_registry(settings)
     paths = registry.paths
     models = ModelManager(
