@@ -348,6 +348,13 @@ class Img2ImgRequest(GenerationRequest):
     outpaint_right: int = Field(0, ge=0, le=2048)
     outpaint_up: int = Field(0, ge=0, le=2048)
     outpaint_down: int = Field(0, ge=0, le=2048)
+    upscaler: str | None = Field(
+        None,
+        max_length=256,
+        description="Upscale each finished image with this upscaler (as Extras does; not in A1111's "
+        "img2img): a name from /sdapi/v1/upscalers. Presets use it.",
+    )
+    upscale_by: float = Field(1.0, ge=1.0, le=8.0, description="Factor for `upscaler` (1 = off).")
     include_init_images: bool = False
 
     @field_validator("inpainting_mask_invert", mode="before")
@@ -376,6 +383,9 @@ class Img2ImgRequest(GenerationRequest):
                 check_pixels("outpaint_left", "the outpainted canvas", size[0] + grow_w, size[1] + grow_h)
         if self.mask:
             checked_image_size("mask", self.mask)
+        if self.upscaler and self.upscale_by > 1:
+            grown = (self.width * self.upscale_by, self.height * self.upscale_by)
+            check_pixels("upscale_by", "the upscaled image", *grown)
         return self
 
     @property

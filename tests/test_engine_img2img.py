@@ -287,3 +287,25 @@ def test_restore_faces_runs_on_generated_images(studio, tmp_path: Path, monkeypa
     ).images[0]
     keep = np.array(Image.open(mask)) == 0
     assert np.array_equal(pixels(inpainted.image)[keep], pixels(source)[keep])
+
+
+def test_img2img_can_upscale_its_pictures_as_extras_does(studio, tmp_path: Path) -> None:
+    """``upscaler``/``upscale_by`` (what an img2img preset's upscale uses): each finished picture is
+    upscaled, the infotext keeps the size img2img worked at and says how it was upscaled."""
+    source = picture(tmp_path / "in.png", size=(64, 64))
+    request = Img2ImgRequest(
+        **{**COMMON, "width": 64, "height": 64},
+        init_images=[str(source)],
+        denoising_strength=0.5,
+        upscaler="Lanczos",
+        upscale_by=2,
+    )
+    result = studio.engine.img2img(request)
+    saved = result.images[0]
+    assert saved.image.size == (128, 128)
+    assert "Size: 64x64" in saved.infotext
+    assert "Postprocess upscaler: Lanczos, Postprocess upscale by: 2" in saved.infotext
+    with pytest.raises(ValueError, match="upscale_by"):
+        Img2ImgRequest(
+            **COMMON, init_images=[str(source)], upscaler="Lanczos", upscale_by=8, width=8192, height=8192
+        )

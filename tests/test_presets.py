@@ -366,3 +366,32 @@ def test_a_checked_preset_is_screened_in_the_worker_before_any_file_exists(studi
         assert screen_files(studio.settings.models_dir, [path]) == [True]  # front ends read the mark
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_an_img2img_preset_upscales_its_picture(studio, presets) -> None:
+    """A photo preset's upscale: the same request fields as img2img's (``upscaler``, ``upscale_by``)."""
+    body = {
+        "prompt": "a {prompt}",
+        "steps": 2,
+        "sampler_name": "Euler",
+        "denoising_strength": 0.5,
+        "override_settings": {"sd_model_checkpoint": "tiny-sd1"},
+        "upscaler": "Lanczos",
+        "upscale_by": 2,
+    }
+    path = presets.save(
+        preset_from_request("big", "img2img", body, longest_side=64),
+        studio.registry,
+        models_root=studio.settings.models_dir,
+    )
+    assert "upscale_by: 2" in path.read_text(encoding="utf-8")
+    queue = studio.start_queue()
+    _, job_id = submit_preset_job(
+        studio, presets, "big", "cat", phone_photo("PNG", rotated=False), owner="t", seed=5
+    )
+    status = queue.wait(job_id, timeout=300)
+    assert status.state == "done", status.error
+    with Image.open(status.images[0]) as image:
+        width, height = image.size
+        assert max(width, height) == 128  # the photo fitted to 64, then upscaled 2x
+        assert "Postprocess upscale by: 2" in image.info["parameters"]

@@ -520,6 +520,22 @@ class ImageEngine:
         self._prepare_pipe(runner, job.loaded.family.base, preset, job.notes)
         return runner
 
+    def _post_upscale(self, job: _Job, images: list[Image.Image]) -> list[Image.Image]:
+        """img2img's optional upscale of each finished image (``upscaler``/``upscale_by``), the way
+        Extras upscales; recorded with A1111's Extras infotext keys."""
+        request = job.request
+        name = getattr(request, "upscaler", None)
+        factor = float(getattr(request, "upscale_by", 1.0) or 1.0)
+        if not name or name == "None" or factor <= 1:
+            return images
+        upscaled = [
+            self._upscale(image, name, round(image.width * factor), round(image.height * factor))
+            for image in images
+        ]
+        job.extra_infotext["Postprocess upscaler"] = name
+        job.extra_infotext["Postprocess upscale by"] = f"{factor:g}"
+        return upscaled
+
     def _restore_faces(self, job: _Job, images: list[Image.Image]) -> list[Image.Image]:
         """A1111's "Restore faces" on freshly generated images (before an inpaint is pasted back,
         so pixels outside the mask stay the input's)."""
@@ -822,6 +838,7 @@ class ImageEngine:
                     )
                     if results is None:
                         continue
+                results = self._post_upscale(job, results)
                 for i, image in enumerate(results):
                     # The size img2img really worked at (an outpainted canvas, an untouched picture),
                     # so that sending the infotext back reuses it; "only masked" keeps the crop's size.
