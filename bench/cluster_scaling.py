@@ -49,17 +49,6 @@ def _services(work: Path, name: str, **settings: object):
     )
 
 
-def _run(services, requests, owners) -> float:
-    queue = services.queue
-    started = time.perf_counter()
-    ids = [queue.submit(request, owner=owner) for request, owner in zip(requests, owners, strict=True)]
-    for job_id in ids:
-        status = queue.wait(job_id)
-        if status.state != "done":
-            raise SystemExit(f"job failed: {status.error}")
-    return time.perf_counter() - started
-
-
 def _wait_workers(services, count: int) -> None:
     deadline = time.monotonic() + 900
     while len(services.queue.workers.idle()) < count:
@@ -81,6 +70,7 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     from bench.engine_overhead import build_random_sd15
+    from bench.worker_overhead import _run
     from contract.images import Txt2ImgRequest
     from pipelines.models.checkpoint_export import save_single_file_checkpoint
 

@@ -366,22 +366,26 @@ class JobQueue:
             live.predicted_seconds = None  # per part from here on
             self._start_part(spread, spread.pending.pop(0), handle, attempt=record.attempts)
             return True
-        mode, every = self.preview_mode()
-        message = RunJob(
-            job_id=record.id,
-            request=record.request,
-            attempt=record.attempts,
-            preview_mode=mode,  # type: ignore[arg-type]
-            preview_every=every,
-        )
-        self.stats.started(handle.worker_id)
         try:
-            handle.run(message)
+            self._run_on(handle, record.id, record.request, record.attempts)
         except (ConnectionError, OSError) as exc:
             handle.current_job = None
             self._live.pop(record.id, None)
             self.store.requeue_after_crash(record.id, f"worker {handle.worker_id} unreachable: {exc}")
         return True
+
+    def _run_on(self, handle: WorkerHandle, job_id: str, request: dict[str, Any], attempt: int) -> None:
+        """Send one run (a job or a part of one) to ``handle``; ConnectionError if it is gone."""
+        mode, every = self.preview_mode()
+        message = RunJob(
+            job_id=job_id,
+            request=request,
+            attempt=attempt,
+            preview_mode=mode,  # type: ignore[arg-type]
+            preview_every=every,
+        )
+        self.stats.started(handle.worker_id)
+        handle.run(message)
 
     # spreading a job's batches ------------------------------------------------------------------
     def _ready_workers(self) -> list[WorkerHandle]:
@@ -407,17 +411,8 @@ class JobQueue:
         spread.started[index] = time.monotonic()
         spread.running[index] = handle.worker_id
         spread.attempts[index] = spread.attempts.get(index, 0) + 1
-        mode, every = self.preview_mode()
-        message = RunJob(
-            job_id=part_id(spread.job_id, index),
-            request=request,
-            attempt=max(attempt, spread.attempts[index]),
-            preview_mode=mode,  # type: ignore[arg-type]
-            preview_every=every,
-        )
-        self.stats.started(handle.worker_id)
         try:
-            handle.run(message)
+            self._run_on(handle, part_id(spread.job_id, index), request, max(attempt, spread.attempts[index]))
         except (ConnectionError, OSError) as exc:
             handle.current_job = None
             spread.running.pop(index, None)
@@ -445,9 +440,7 @@ class JobQueue:
             )
         spread.outcomes[index] = outcome
         if outcome.state == "failed":  # one failed batch fails the job: stop the rest
-            spread.stop_pending(outcome.error or "failed")
-            for other, other_worker in list(spread.running.items()):
-                self._control_one(part_id(spread.job_id, other), other_worker, "interrupt")
+            self._stop_other_parts(spread, outcome.error or "failed")
         if not spread.finished:
             return
         live = self._live.get(spread.job_id)
@@ -482,11 +475,15 @@ class JobQueue:
         spread.pending.insert(0, index)
         return "queued"
 
-    def _part_finished_quietly(self, spread: SpreadJob, index: int, outcome: JobOutcome) -> None:
-        spread.outcomes[index] = outcome
-        spread.stop_pending(outcome.error or "failed")
+    def _stop_other_parts(self, spread: SpreadJob, reason: str) -> None:
+        """One batch failed, so the job fails: parts not started end, running ones are interrupted."""
+        spread.stop_pending(reason)
         for other, worker in list(spread.running.items()):
             self._control_one(part_id(spread.job_id, other), worker, "interrupt")
+
+    def _part_finished_quietly(self, spread: SpreadJob, index: int, outcome: JobOutcome) -> None:
+        spread.outcomes[index] = outcome
+        self._stop_other_parts(spread, outcome.error or "failed")
         if spread.finished:
             self.store.finish(spread.job_id, "failed", error=outcome.error)
             self._live.pop(spread.job_id, None)
