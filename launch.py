@@ -191,6 +191,14 @@ def studio_flags() -> argparse.ArgumentParser:
         help="every node reads --models-dir (shared)",
     )
     c.add_argument("--gpu-share", type=int, default=s, help="workers per GPU on each node (default 1)")
+    c.add_argument(
+        "--split-talking-head",
+        type=float,
+        default=s,
+        metavar="SECONDS",
+        help="render talking heads with this much speech or more on several workers at once "
+        "(default 8; 0: all; -1: never)",
+    )
     return flags
 
 
@@ -252,6 +260,8 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
     for name in ("cluster_address", "cluster_shared_models", "gpu_share"):
         if given.get(name):
             overrides[name] = given[name]
+    if given.get("split_talking_head") is not None:
+        overrides["talking_head_split_seconds"] = given["split_talking_head"]
     return overrides
 
 

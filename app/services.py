@@ -158,6 +158,9 @@ class StudioServices:
             max_attempts=self.settings.max_job_attempts,
             preview_mode=lambda: (self.settings.live_preview, self.settings.live_preview_every),
             checkpoint_title=self.checkpoint_title,
+            split_seconds=self.settings.talking_head_split_seconds,
+            parts_root=self.settings.data_dir / "talking-head-parts",
+            release_inputs=self.uploads.release,
         )
 
     def start_queue(self) -> JobQueue:

@@ -122,6 +122,13 @@ class StudioSettings(BaseSettings):
         "the studio), instead of its own models/ folder.",
     )
     gpu_share: int = Field(1, ge=1, le=8, description="Workers per GPU on cluster nodes (--gpu-share K).")
+    talking_head_split_seconds: float = Field(
+        8.0,
+        ge=-1,
+        le=3600,
+        description="Talking heads with at least this many seconds of speech are rendered by several "
+        "workers at once when more than one is ready (0: every one; -1: never).",
+    )
 
     @property
     def config_file(self) -> Path:

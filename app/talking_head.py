@@ -10,6 +10,7 @@ interrupted before its first image. Inputs the API staged for the job are remove
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from app.uploads import StagedUploads
     from contract.talking_head import TalkingHeadRequest
     from sadtalker.engine import TalkingHeadEngine, TalkingHeadResult
+    from sadtalker.motion_plan import MotionPlan
 
 ENHANCER_MODELS = {"gfpgan": "GFPGAN", "RestoreFormer": "RestoreFormer"}
 
@@ -132,27 +134,11 @@ class TalkingHeadService:
         control: JobControl | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> TalkingHeadJobResult:
-        stages = ("preprocess", "audio2coeff", "render", "enhance", "encode")
-
-        def report(stage: str, done: int, total: int) -> None:
-            if on_progress is None:
-                return
-            index = stages.index(stage) if stage in stages else 0
-            # One "batch" per stage so the overall fraction moves through the stages in order.
-            on_progress(
-                ProgressEvent(
-                    stage="sampling",
-                    step=done,
-                    steps=max(1, total),
-                    batch_index=index,
-                    batch_count=len(stages),
-                    message=stage,
-                )
-            )
-
         should_stop = control.should_stop_batch if control is not None else None
         try:
-            result = self.engine.run(request, on_progress=report, should_stop=should_stop)
+            result = self.engine.run(
+                request, on_progress=_stage_reporter(on_progress), should_stop=should_stop
+            )
         finally:
             # A crash never gets here: the requeued job then finds its inputs again.
             if self.uploads is not None:
@@ -161,3 +147,56 @@ class TalkingHeadService:
             on_progress(ProgressEvent(stage="saved", message=str(result.path)))
             on_progress(ProgressEvent(stage="done"))
         return TalkingHeadJobResult(result=result, request=request)
+
+    def plan(
+        self,
+        request: TalkingHeadRequest,
+        *,
+        control: JobControl | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> MotionPlan:
+        """The motion stage of a talking head split over workers (its inputs stay: the head muxes the
+        speech once every part is done, and releases them then)."""
+        should_stop = control.should_stop_batch if control is not None else None
+        return self.engine.plan(request, on_progress=_stage_reporter(on_progress), should_stop=should_stop)
+
+    def render_frames(
+        self,
+        plan: MotionPlan,
+        start: int,
+        end: int,
+        sink: Callable[[np.ndarray, int], None],
+        *,
+        control: JobControl | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> dict[str, float]:
+        """Finished frames ``[start, end)`` of a split talking head, handed to ``sink`` in order."""
+        should_stop = control.should_stop_batch if control is not None else None
+        return self.engine.render_frames(
+            plan, start, end, sink, on_progress=_stage_reporter(on_progress), should_stop=should_stop
+        )
+
+
+STAGES = ("preprocess", "audio2coeff", "render", "enhance", "encode")
+
+
+def _stage_reporter(on_progress: ProgressCallback | None) -> Callable[[str, int, int], None]:
+    """The engine's ``(stage, done, total)`` reports as queue progress events."""
+
+    def report(stage: str, done: int, total: int) -> None:
+        if on_progress is None:
+            return
+        index = STAGES.index(stage) if stage in STAGES else 0
+        # One "batch" per stage so the overall fraction moves through the stages in order.
+        on_progress(
+            ProgressEvent(
+                stage="sampling",
+                step=done,
+                steps=max(1, total),
+                batch_index=index,
+                batch_count=len(STAGES),
+                message=stage,
+            )
+        )
+
+    return report

@@ -7,12 +7,18 @@ into a temporary ``models/`` folder. A real two-node Ray cluster is started on t
 1. **scaling**: the same jobs from two users on one Ray worker (the second node not yet added) and
    on two, one torch thread each: images per second, as a ratio (target >= 1.8 on two cores);
    then one job with ``n_iter`` batches spread over the two workers against the same job on one;
-2. **dispatch overhead**: a tiny job (1 step, 64x64) on a Ray worker against a local worker
+2. **a split talking head**: the same clip (real random-weight SadTalker networks, 256 px, crop mode,
+   ``--talk-seconds`` of speech-like audio) on one worker and split over two (motion on one, frame
+   ranges on both, joined and encoded by the head), wall time per job as a ratio, and whether the
+   decoded frames are equal; the second worker loads its networks inside the timed run (the first
+   loaded them in the one-worker run), so the ratio is on the cautious side;
+3. **dispatch overhead**: a tiny job (1 step, 64x64) on a Ray worker against a local worker
    process, alternating, median of several runs: the difference is what Ray adds per job.
 
-Model loading is excluded (a warm-up job per worker first).
+Model loading is excluded for the image jobs (a warm-up job per worker first).
 
     .venv/bin/python bench/cluster_scaling.py [--steps 4] [--size 256] [--jobs 8] [--runs 5]
+        [--talk-seconds 0.64]
 """
 
 from __future__ import annotations
@@ -57,12 +63,38 @@ def _wait_workers(services, count: int) -> None:
         time.sleep(0.2)
 
 
+def _talking_head_job(work: Path, seconds: float):
+    """Random-weight SadTalker files in the bench's models/, a portrait and speech-like audio."""
+    import cv2
+    from skimage import data
+
+    from bench.talking_head import write_random_models, write_speech_like
+    from contract.talking_head import TalkingHeadRequest
+
+    write_random_models(work / "models")
+    portrait = work / "portrait.png"
+    cv2.imwrite(str(portrait), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    write_speech_like(work / "speech.wav", seconds)
+    return TalkingHeadRequest(image=portrait, audio=work / "speech.wav", seed=3, batch_size=2)
+
+
+def _run_talking_head(services, request) -> tuple[float, Path]:
+    started = time.perf_counter()
+    status = services.queue.wait(services.queue.submit(request, owner="talk"))
+    if status.state != "done":
+        raise SystemExit(f"talking head failed: {status.error}")
+    return time.perf_counter() - started, Path(status.images[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--talk-seconds", type=float, default=0.64, help="speech of the split talking head (0: skip it)"
+    )
     args = parser.parse_args()
 
     import ray
@@ -93,7 +125,8 @@ def main() -> None:
         initialize_head=True,
         head_node_args={"num_cpus": 1, "resources": {"sdstudio_worker": 1}, "env_vars": env},
     )
-    services = _services(work, "cluster", cluster_address=cluster.address)
+    services = _services(work, "cluster", cluster_address=cluster.address, talking_head_split_seconds=0)
+    talk = _talking_head_job(work, args.talk_seconds) if args.talk_seconds > 0 else None
     services.start_queue()
     _wait_workers(services, 1)
     _run(services, [job(1)], ["warm"])
@@ -104,6 +137,9 @@ def main() -> None:
     print(f"  1 Ray worker: {args.jobs} jobs in {one:.2f} s ({args.jobs / one:.3f} images/s)", flush=True)
     batch = job(500, n_iter=args.jobs)
     one_batch = _run(services, [batch], ["batch"])
+    if talk is not None:
+        one_talk, one_video = _run_talking_head(services, talk)
+        print(f"  1 Ray worker: talking head of {args.talk_seconds} s in {one_talk:.1f} s", flush=True)
 
     cluster.add_node(num_cpus=1, resources={"sdstudio_worker": 1}, env_vars=env)
     _wait_workers(services, 2)
@@ -113,6 +149,17 @@ def main() -> None:
     two_batch = _run(services, [batch], ["batch"])
     print(f"two Ray workers vs one on the same {args.jobs} jobs: {one / two:.2f}x (target >= 1.8)")
     print(f"one job of {args.jobs} batches spread over two workers vs one: {one_batch / two_batch:.2f}x")
+    if talk is not None:
+        from tests.sadtalker.helpers import decode_frames
+
+        two_talk, two_video = _run_talking_head(services, talk)
+        same = bool((decode_frames(one_video) == decode_frames(two_video)).all())
+        print(
+            f"talking head of {args.talk_seconds} s split over two workers vs one: "
+            f"{one_talk / two_talk:.2f}x "
+            f"({one_talk:.1f} s vs {two_talk:.1f} s; decoded frames equal: {same})",
+            flush=True,
+        )
 
     # dispatch overhead: Ray worker vs a local worker process, the tiniest job
     local = _services(work, "local", device_ids=["cpu"])

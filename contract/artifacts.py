@@ -12,7 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ArtifactKind = Literal["image", "grid", "video", "sidecar"]
+ArtifactKind = Literal["image", "grid", "video", "sidecar", "motion", "frames"]
+"""``motion`` and ``frames`` are the intermediate results of a talking head split over workers (a
+motion plan, a block of rendered frames): the head keeps them aside, never in ``outputs/``."""
 
 
 class Artifact(BaseModel):
@@ -29,6 +31,7 @@ class Artifact(BaseModel):
     infotext: str | None = Field(None, description="A1111 parameters text embedded in the image.")
     stem: str | None = Field(None, description="File name stem for videos and sidecars.")
     pairs_with: str | None = Field(None, description="sha256 of the artifact a sidecar describes.")
+    first_frame: int | None = Field(None, ge=0, description="A block of frames: its first frame's index.")
 
     @model_validator(mode="after")
     def _content_address(self) -> Artifact:

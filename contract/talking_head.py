@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -77,3 +77,31 @@ class TalkingHeadRequest(BaseModel):
         if seconds is not None:
             check_audio_seconds("audio", seconds)
         return self
+
+
+class MotionStage(BaseModel):
+    """Part of a talking head split over workers: preprocess and audio2coeff only; the worker answers
+    with a ``motion`` artifact (``sadtalker/motion_plan.py``) from which any worker renders frames."""
+
+    kind: Literal["motion"] = "motion"
+
+
+class FramesStage(BaseModel):
+    """Part of a talking head split over workers: finished frames ``[start, end)`` of ``plan``, sent
+    back as ``frames`` artifacts for the head to join and encode."""
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+    kind: Literal["frames"] = "frames"
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+    plan: bytes = Field(repr=False, description="The motion plan's bytes, as the motion stage sent them.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FramesStage:
+        if self.end <= self.start:
+            raise ValueError(f"end: the frame range [{self.start}, {self.end}) is empty")
+        return self
+
+
+TalkingHeadStage = Annotated[MotionStage | FramesStage, Field(discriminator="kind")]

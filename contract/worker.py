@@ -10,10 +10,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from contract.artifacts import Artifact, JobOutcome
 from contract.events import JobProgress, WorkerState
+from contract.talking_head import TalkingHeadStage
+
+
+class InlineFile(BaseModel):
+    """An input file of the request sent with it, for a worker on another PC: the worker saves it in
+    its scratch folder and points ``request[request_field]`` there."""
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+    request_field: str
+    name: str = Field(min_length=1, max_length=255)
+    data: bytes = Field(repr=False)
 
 
 class RunJob(BaseModel):
@@ -23,6 +35,10 @@ class RunJob(BaseModel):
     attempt: int = 1
     preview_mode: Literal["auto", "taesd", "cheap", "none"] = "auto"
     preview_every: int = Field(1, ge=1)
+    stage: TalkingHeadStage | None = Field(
+        None, description="Run one part of a talking head split over workers instead of the whole job."
+    )
+    files: list[InlineFile] = Field(default_factory=list, description="Input files sent with the job.")
 
 
 class ControlJob(BaseModel):

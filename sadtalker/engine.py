@@ -40,6 +40,7 @@ import numpy as np
 
 from contract.talking_head import MAX_SEED, TalkingHeadRequest
 from sadtalker.errors import SadTalkerError, TalkingHeadInterruptedError
+from sadtalker.motion_plan import MotionPlan, RenderOptions
 
 if TYPE_CHECKING:
     import torch
@@ -47,8 +48,7 @@ if TYPE_CHECKING:
     from pipelines.postprocess.upscalers import UpscalerCache
     from sadtalker.checkpoints import SadTalkerModels
     from sadtalker.networks.mapping import MappingNet
-    from sadtalker.preprocess import FaceLandmarker, PreparedFace
-    from sadtalker.render import FrameRenderer
+    from sadtalker.preprocess import FaceLandmarker
 
 OUTPUT_FOLDER = "talking-head"
 STAGES = ("preprocess", "audio2coeff", "render", "enhance", "encode")
@@ -174,6 +174,66 @@ class TalkingHeadEngine:
         True the run raises :class:`TalkingHeadInterruptedError` and keeps no file. Raises
         :class:`SadTalkerError` subclasses with user-facing messages.
         """
+        report = on_progress or (lambda stage, done, total: None)
+        stop_point = _stop_point(should_stop)
+        clock = _StageClock()
+        enhancer = self._resolve_enhancer(render_options(request), enhance)  # a wrong name fails first
+        plan = self._plan(request, report, stop_point, clock)
+        stop_point("before render")
+
+        def produce(sink: FinishedFrameSink) -> None:
+            self._render_finished(plan, 0, plan.frame_count, sink, enhancer, clock, report, stop_point)
+
+        return write_clip(
+            self.outputs_root,
+            plan,
+            produce,
+            audio_path=Path(request.audio),
+            clock=clock,
+            report=report,
+            stop_point=stop_point,
+            extra={"device": str(self.device)},
+        )
+
+    def plan(
+        self,
+        request: TalkingHeadRequest,
+        on_progress: ProgressCallback | None = None,
+        should_stop: StopCheck | None = None,
+    ) -> MotionPlan:
+        """The per-clip stages alone (preprocess, audio2coeff): a plan any worker renders frames from."""
+        report = on_progress or (lambda stage, done, total: None)
+        self._resolve_enhancer(render_options(request), None, check_only=True)
+        return self._plan(request, report, _stop_point(should_stop), _StageClock())
+
+    def render_frames(
+        self,
+        plan: MotionPlan,
+        start: int,
+        end: int,
+        sink: FinishedFrameSink,
+        *,
+        on_progress: ProgressCallback | None = None,
+        enhance: FrameEnhancer | None = None,
+        should_stop: StopCheck | None = None,
+    ) -> dict[str, float]:
+        """Finished video frames ``start..end-1`` of ``plan`` (rendered, pasted back or resized, enhanced),
+        each handed to ``sink(frame, index)`` in order: exactly the frames :meth:`run` encodes there.
+        Returns the seconds spent per stage."""
+        report = on_progress or (lambda stage, done, total: None)
+        stop_point = _stop_point(should_stop)
+        clock = _StageClock()
+        enhancer = self._resolve_enhancer(plan.options, enhance)
+        self._render_finished(plan, start, end, sink, enhancer, clock, report, stop_point)
+        return {name: round(value, 3) for name, value in clock.seconds.items() if value}
+
+    def _plan(
+        self,
+        request: TalkingHeadRequest,
+        report: ProgressCallback,
+        stop_point: Callable[[str], None],
+        clock: _StageClock,
+    ) -> MotionPlan:
         from sadtalker.audio import speech_to_mel_windows
         from sadtalker.audio_io import load_audio
         from sadtalker.checkpoints import FULL_PREPROCESS_MODES
@@ -185,13 +245,9 @@ class TalkingHeadEngine:
             reference_video_coefficients,
             source_coefficients,
         )
-        from sadtalker.render import FrameRenderer, HeadAngles
+        from sadtalker.render import HeadAngles
 
-        report = on_progress or (lambda stage, done, total: None)
-        stop_point = _stop_point(should_stop)
-        clock = _StageClock()
         seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
-        enhancer = self._resolve_enhancer(request, enhance)
         full_mode = request.preprocess in FULL_PREPROCESS_MODES
 
         # The inputs are read before any model is loaded, so a wrong file fails at once.
@@ -205,7 +261,7 @@ class TalkingHeadEngine:
         stop_point("before loading the models")
         with clock.stage("load"):
             models = self.models(request.size)
-            mapping = self.mapping(request.preprocess)
+            self.mapping(request.preprocess)
             landmarker = self.landmarker()
         stop_point("during preprocess")
         with clock.stage("preprocess"):
@@ -247,56 +303,98 @@ class TalkingHeadEngine:
                 }
             )
         report("audio2coeff", 1, 1)
+        return MotionPlan(
+            parameters=request.model_dump(mode="json") | {"seed": seed},
+            seed=seed,
+            options=render_options(request),
+            face_image=face.image,
+            face_mode=face.mode,
+            region=face.region,
+            output_size=output_frame_size(face),
+            coefficients=driving,
+            angles=angles,
+            duration=audio.duration,
+            photo=photo if full_mode else None,
+            details={"landmarks": landmarker.name, "checkpoints": models.source},
+            stage_seconds=dict(clock.seconds),
+        )
 
-        stop_point("before render")
+    def _render_finished(
+        self,
+        plan: MotionPlan,
+        start: int,
+        end: int,
+        sink: FinishedFrameSink,
+        enhancer: FrameEnhancer | None,
+        clock: _StageClock,
+        report: ProgressCallback,
+        stop_point: Callable[[str], None],
+    ) -> None:
+        """Render ``[start, end)``, finish and enhance each frame, and hand it to ``sink``."""
+        from sadtalker.render import FrameRenderer
+
+        with clock.stage("load"):
+            models = self.models(plan.options.size)
+            mapping = self.mapping(plan.options.preprocess)
         with clock.stage("render"):
             renderer = FrameRenderer(
                 kp_extractor=models.kp_extractor,
-                generator=self._fast_generator(models.generator, request.render_precision),
+                generator=self._fast_generator(models.generator, plan.options.render_precision),
                 mapping=mapping,
-                source_image=face.image,
-                coefficients=driving,
+                source_image=plan.face_image,
+                coefficients=plan.coefficients,
                 device=self.device,
-                angles=angles,
+                angles=plan.angles,
             )
-        width, height = output_frame_size(face)
-        return self._encode(
-            request=request,
-            seed=seed,
-            renderer=renderer,
-            finish=self._frame_finisher(face, photo, width, height),
-            enhancer=enhancer,
-            size=(width, height),
-            audio_path=Path(request.audio),
-            duration=audio.duration,
-            clock=clock,
-            report=report,
-            stop_point=stop_point,
-            extra={
-                "landmarks": landmarker.name,
-                "device": str(self.device),
-                "output_size": [width, height],
-                "checkpoints": models.source,
-            },
-        )
+        finish = frame_finisher(plan)
+        width, height = plan.output_size
+        total = end - start
+        done = {"render": 0, "enhance": 0}
+
+        def batch_sink(batch: np.ndarray, first_index: int) -> None:
+            clock.seconds["render"] += time.perf_counter() - batch_started[0]
+            done["render"] += len(batch)
+            report("render", done["render"], total)
+            for offset, frame in enumerate(batch):
+                stop_point(f"during render ({done['render'] - len(batch) + offset} of {total} frames done)")
+                with clock.stage("render"):
+                    finished = finish(frame)
+                if enhancer is not None:
+                    with clock.stage("enhance"):
+                        finished = _enhanced(enhancer, finished, width, height)
+                    done["enhance"] += 1
+                sink(finished, first_index + offset)
+            if enhancer is not None:
+                report("enhance", done["enhance"], total)
+            stop_point(f"during render ({done['render']} of {total} frames done)")
+            batch_started[0] = time.perf_counter()
+
+        batch_started = [time.perf_counter()]
+        report("render", 0, total)
+        renderer.render(batch_sink, start, end, batch_size=plan.options.batch_size)
 
     # --- helpers ----------------------------------------------------------------------------------
 
     def _resolve_enhancer(
-        self, request: TalkingHeadRequest, enhance: FrameEnhancer | None
+        self, options: RenderOptions, enhance: FrameEnhancer | None, *, check_only: bool = False
     ) -> FrameEnhancer | None:
         """The per-frame enhancer: the background upscaler first, then the face restorer on its
-        result (GFPGAN's ``bg_upsampler`` order: the restored face is pasted over the upscaled frame)."""
-        face = self._resolve_face_enhancer(request, enhance)
-        background = self._resolve_background_enhancer(request)
+        result (GFPGAN's ``bg_upsampler`` order: the restored face is pasted over the upscaled frame).
+        ``check_only`` raises for an enhancer this engine cannot provide, without loading anything."""
+        if check_only:
+            if options.enhancer is not None and enhance is None and self._enhancer_loader is None:
+                self._resolve_face_enhancer(options, None)
+            return None
+        face = self._resolve_face_enhancer(options, enhance)
+        background = self._resolve_background_enhancer(options)
         if background is None:
             return face
         if face is None:
             return background
         return lambda frame: face(_checked_frame(background(frame), frame.shape, "background enhancer"))
 
-    def _resolve_background_enhancer(self, request: TalkingHeadRequest) -> FrameEnhancer | None:
-        name = request.background_enhancer
+    def _resolve_background_enhancer(self, options: RenderOptions) -> FrameEnhancer | None:
+        name = options.background_enhancer
         if not name:
             return None
         if self._background_loader is not None:
@@ -310,130 +408,146 @@ class TalkingHeadEngine:
         return load_background_enhancer(self.models_dir, name, cache=self._upscaler_cache, device=self.device)
 
     def _resolve_face_enhancer(
-        self, request: TalkingHeadRequest, enhance: FrameEnhancer | None
+        self, options: RenderOptions, enhance: FrameEnhancer | None
     ) -> FrameEnhancer | None:
-        if request.enhancer is None:
+        if options.enhancer is None:
             return None
         if enhance is not None:
             return enhance
         if self._enhancer_loader is None:
             raise SadTalkerError(
-                f"The face enhancer '{request.enhancer}' is not available in this build yet. "
+                f"The face enhancer '{options.enhancer}' is not available in this build yet. "
                 "Run the talking head without an enhancer (enhancer: none)."
             )
-        return self._enhancer_loader(request.enhancer)
+        return self._enhancer_loader(options.enhancer)
 
-    @staticmethod
-    def _frame_finisher(
-        face: PreparedFace, photo: np.ndarray, width: int, height: int
-    ) -> Callable[[np.ndarray], np.ndarray]:
-        """Rendered face -> video frame: resized to the region's aspect ratio, or pasted into the photo."""
-        import cv2
 
-        from sadtalker.video import fit_frame, paste_into_photo
+FinishedFrameSink = Callable[[np.ndarray, int], None]
+"""Receives each finished video frame (RGB uint8 at the video's size) with its index in the clip."""
+FrameProducer = Callable[[FinishedFrameSink], None]
 
-        if face.mode in ("full", "extfull"):
-            region = face.region
-            return lambda frame: fit_frame(paste_into_photo(frame, photo, region), width, height)
-        if (width, height) == (face.size, face.size):
-            return lambda frame: frame
-        return lambda frame: cv2.resize(frame, (width, height))
 
-    def _output_paths(self, request: TalkingHeadRequest, seed: int) -> tuple[Path, Path]:
-        folder = self.outputs_root / OUTPUT_FOLDER
-        folder.mkdir(parents=True, exist_ok=True)
-        stem_base = f"{datetime.now():%Y%m%d-%H%M%S}-{_safe_stem(Path(request.image).stem)}-{seed}"
-        stem, counter = stem_base, 1
-        while (folder / f"{stem}.mp4").exists() or (folder / f"{stem}.json").exists():
-            counter += 1
-            stem = f"{stem_base}-{counter}"
-        return folder / f"{stem}.mp4", folder / f"{stem}.json"
+def render_options(request: TalkingHeadRequest) -> RenderOptions:
+    return RenderOptions(
+        size=request.size,
+        preprocess=request.preprocess,
+        batch_size=request.batch_size,
+        render_precision=request.render_precision,
+        enhancer=request.enhancer,
+        background_enhancer=request.background_enhancer,
+    )
 
-    def _encode(
-        self,
-        *,
-        request: TalkingHeadRequest,
-        seed: int,
-        renderer: FrameRenderer,
-        finish: Callable[[np.ndarray], np.ndarray],
-        enhancer: FrameEnhancer | None,
-        size: tuple[int, int],
-        audio_path: Path,
-        duration: float,
-        clock: _StageClock,
-        report: ProgressCallback,
-        stop_point: Callable[[str], None],
-        extra: dict[str, object],
-    ) -> TalkingHeadResult:
-        from pipelines.outputs.saving import atomic_write_bytes
-        from sadtalker.video import H264Writer, discard, mux_audio, publish, temporary_path
 
-        total = renderer.frame_count
-        width, height = size
-        final_video, sidecar = self._output_paths(request, seed)
-        silent_video = temporary_path(final_video, "video.mp4")
-        muxed_video = temporary_path(final_video, "muxed.mp4")
-        done = {"render": 0, "enhance": 0, "encode": 0}
+def frame_finisher(plan: MotionPlan) -> Callable[[np.ndarray], np.ndarray]:
+    """Rendered face -> video frame: resized to the region's aspect ratio, or pasted into the photo."""
+    import cv2
+
+    from sadtalker.video import fit_frame, paste_into_photo
+
+    width, height = plan.output_size
+    if plan.face_mode in ("full", "extfull"):
+        photo, region = plan.photo, plan.region
+        if photo is None:
+            raise ValueError("a full-mode motion plan carries its photo")
+        return lambda frame: fit_frame(paste_into_photo(frame, photo, region), width, height)
+    size = plan.options.size
+    if (width, height) == (size, size):
+        return lambda frame: frame
+    return lambda frame: cv2.resize(frame, (width, height))
+
+
+def output_paths(outputs_root: Path, image_name: str, seed: int) -> tuple[Path, Path]:
+    """Free ``outputs/talking-head/<stamp>-<image>-<seed>.mp4`` and ``.json`` names."""
+    folder = Path(outputs_root) / OUTPUT_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    stem_base = f"{datetime.now():%Y%m%d-%H%M%S}-{_safe_stem(Path(image_name).stem)}-{seed}"
+    stem, counter = stem_base, 1
+    while (folder / f"{stem}.mp4").exists() or (folder / f"{stem}.json").exists():
+        counter += 1
+        stem = f"{stem_base}-{counter}"
+    return folder / f"{stem}.mp4", folder / f"{stem}.json"
+
+
+def write_clip(
+    outputs_root: Path,
+    plan: MotionPlan,
+    produce: FrameProducer,
+    *,
+    audio_path: Path,
+    clock: _StageClock | None = None,
+    report: ProgressCallback | None = None,
+    stop_point: Callable[[str], None] | None = None,
+    extra: dict[str, object] | None = None,
+) -> TalkingHeadResult:
+    """Encode the frames ``produce`` hands over (in order, every frame of the clip) with the speech
+    into ``outputs/talking-head/``, plus the JSON sidecar; both atomically, nothing left on failure.
+
+    The one encoder of every talking head, whether its frames came from this process's renderer or
+    were joined from several workers' ranges: the same frames give the same video."""
+    from pipelines.outputs.saving import atomic_write_bytes
+    from sadtalker.video import H264Writer, discard, mux_audio, publish, temporary_path
+
+    clock = clock or _StageClock()
+    for name, seconds in plan.stage_seconds.items():
+        clock.seconds[name] = clock.seconds.get(name, 0.0) + seconds
+    report = report or (lambda stage, done, total: None)
+    stop_point = stop_point or (lambda where: None)
+    total = plan.frame_count
+    width, height = plan.output_size
+    final_video, sidecar = output_paths(outputs_root, str(plan.parameters.get("image", "image")), plan.seed)
+    silent_video = temporary_path(final_video, "video.mp4")
+    muxed_video = temporary_path(final_video, "muxed.mp4")
+    batch_size = max(1, plan.options.batch_size)
+    written = [0]
+    try:
+        with H264Writer(silent_video, width, height) as writer:
+
+            def sink(frame: np.ndarray, index: int) -> None:
+                if index != written[0]:
+                    raise SadTalkerError(f"frame {index} arrived where frame {written[0]} was due")
+                with clock.stage("encode"):
+                    writer.write(frame)
+                written[0] += 1
+                if written[0] % batch_size == 0 or written[0] == total:
+                    report("encode", written[0], total)
+
+            produce(sink)
+            if written[0] != total:
+                raise SadTalkerError(f"the renderer produced {written[0]} of the clip's {total} frames")
+        stop_point("before adding the audio")
+        with clock.stage("encode"):
+            mux_audio(silent_video, audio_path, muxed_video, plan.duration)
+            discard(silent_video)
+            publish(muxed_video, final_video)
+        seconds = {name: round(value, 3) for name, value in clock.seconds.items()}
+        record = {
+            "parameters": plan.parameters,
+            "video": final_video.name,
+            "frames": total,
+            "fps": 25,
+            "duration": plan.duration,
+            "stage_seconds": seconds,
+            **plan.details,
+            **(extra or {}),
+            "output_size": [width, height],
+        }
         try:
-            with H264Writer(silent_video, width, height) as writer:
-
-                def sink(batch: np.ndarray, first_index: int) -> None:
-                    clock.seconds["render"] += time.perf_counter() - batch_started[0]
-                    done["render"] += len(batch)
-                    report("render", done["render"], total)
-                    for frame in batch:
-                        stop_point(f"during render ({done['encode']} of {total} frames done)")
-                        with clock.stage("render"):
-                            finished = finish(frame)
-                        if enhancer is not None:
-                            with clock.stage("enhance"):
-                                finished = _enhanced(enhancer, finished, width, height)
-                            done["enhance"] += 1
-                        with clock.stage("encode"):
-                            writer.write(finished)
-                        done["encode"] += 1
-                    if enhancer is not None:
-                        report("enhance", done["enhance"], total)
-                    report("encode", done["encode"], total)
-                    stop_point(f"during render ({done['encode']} of {total} frames done)")
-                    batch_started[0] = time.perf_counter()
-
-                batch_started = [time.perf_counter()]
-                report("render", 0, total)
-                renderer.render(sink, batch_size=request.batch_size)
-            stop_point("before adding the audio")
-            with clock.stage("encode"):
-                mux_audio(silent_video, audio_path, muxed_video, duration)
-                discard(silent_video)
-                publish(muxed_video, final_video)
-            seconds = {name: round(value, 3) for name, value in clock.seconds.items()}
-            parameters = request.model_dump(mode="json") | {"seed": seed}
-            record = {
-                "parameters": parameters,
-                "video": final_video.name,
-                "frames": total,
-                "fps": 25,
-                "duration": duration,
-                "stage_seconds": seconds,
-                **extra,
-            }
-            try:
-                atomic_write_bytes(sidecar, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
-            except BaseException:
-                discard(final_video)
-                raise
+            atomic_write_bytes(sidecar, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
         except BaseException:
-            discard(silent_video, muxed_video)
+            discard(final_video)
             raise
-        report("encode", total, total)
-        return TalkingHeadResult(
-            path=final_video,
-            sidecar=sidecar,
-            duration=duration,
-            frames=total,
-            stage_seconds=seconds,
-            seed=seed,
-        )
+    except BaseException:
+        discard(silent_video, muxed_video)
+        raise
+    report("encode", total, total)
+    return TalkingHeadResult(
+        path=final_video,
+        sidecar=sidecar,
+        duration=plan.duration,
+        frames=total,
+        stage_seconds=seconds,
+        seed=plan.seed,
+    )
 
 
 def _stop_point(should_stop: StopCheck | None) -> Callable[[str], None]:

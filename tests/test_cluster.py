@@ -1,8 +1,11 @@
+# ruff: noqa: F811 (pytest fixtures imported below are requested by parameters of the same name)
 """Jobs on a real two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``, token auth
 on, CPU workers over the tiny offline models): a job runs on a worker actor and equals the same job
 in-process byte for byte; a node that dies mid-job has its job requeued and finished on the other
 node, one set of outputs; a PC with a wrong token is refused with our message, not Ray's
-ConnectionError twenty seconds later.
+ConnectionError twenty seconds later; a talking head is rendered by both PCs (motion on one, frame
+ranges on both) and equals the one-worker render. The nodes' Python processes start with
+``tests/cluster_shims`` on their path, which swaps in the cheap stand-in face generator.
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from app.cluster.security import auth_environment
 from app.services import StudioServices
 from app.settings import StudioSettings
 from contract.images import Txt2ImgRequest
+from contract.talking_head import TalkingHeadRequest
+from tests.sadtalker.conftest import astronaut_png, media_dir, sadtalker_models_root, speech_wav  # noqa: F401
+from tests.sadtalker.helpers import decode_frames, one_worker_render, probe
 
 TOKEN = "0123456789abcdef" * 4
 # Ray reads its auth mode once, when it is first imported: set it before anything imports ray.
@@ -34,12 +41,17 @@ JOB = {"width": 64, "height": 64, "seed": 11, "sampler_name": "Euler"}
 HEALTH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
 
+SHIMS = ROOT / "tests" / "cluster_shims"
+
+
 def node_env(root: Path) -> dict[str, str]:
-    return {"PYTHONPATH": str(ROOT), "SDSTUDIO_NODE_ROOT": str(root)}
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT), str(SHIMS)]), "SDSTUDIO_NODE_ROOT": str(root)}
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_models_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def cluster(
+    tiny_models_root: Path, sadtalker_models_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
     """A head node and one more node, each with one worker slot and its own models/ copy."""
     from ray.cluster_utils import Cluster
 
@@ -48,6 +60,7 @@ def cluster(tiny_models_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     for name in ("head-pc", "second-pc"):
         root = work / name
         shutil.copytree(tiny_models_root, root / "models", symlinks=True)
+        shutil.copytree(sadtalker_models_root / "SadTalker", root / "models" / "SadTalker")
         roots.append(root)
     # The second PC lacks the default checkpoint: its first job copies it from the head.
     for name in ("tiny-sd1.safetensors", "tiny-sd1.yaml"):
@@ -70,6 +83,7 @@ def cluster(tiny_models_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
         outputs_dir=work / "outputs",
         default_checkpoint="tiny-sd1",
         cluster_address=cluster.address,
+        talking_head_split_seconds=0,  # the test speech is 1.5 s
     )
     services = StudioServices.create(settings)
     queue = services.start_queue()
@@ -165,6 +179,31 @@ def test_progress_interrupt_and_a_model_copied_to_the_pc_that_lacks_it(
     digest = hashlib.sha256(copied.read_bytes()).hexdigest()
     assert digest == hashlib.sha256(original.read_bytes()).hexdigest()
     assert not list(copied.parent.glob("*.part"))
+
+
+def test_a_talking_head_is_rendered_on_both_pcs_and_equals_the_one_worker_render(
+    cluster: dict[str, Any],
+    sadtalker_models_root: Path,
+    astronaut_png: Path,
+    speech_wav: Path,
+    tmp_path: Path,
+) -> None:
+    """Motion on one PC, frame ranges on both, joined and encoded by the head: the same frames as one
+    worker's render, with the speech. The portrait and speech travelled with the jobs (each PC saved
+    them in its own scratch folder and removed them after)."""
+    services: StudioServices = cluster["services"]
+    job = TalkingHeadRequest(image=astronaut_png, audio=speech_wav, seed=5, batch_size=2)
+    expected = one_worker_render(sadtalker_models_root, tmp_path, job)
+    status = services.queue.wait(services.queue.submit(job, owner="talker"), timeout=900)
+    assert status.state == "done", status.error
+    info = status.info or {}
+    assert len(info["workers"]) == 2 and len(info["frame_ranges"]) >= 2, info
+    video = Path(status.images[0])
+    assert video.is_relative_to(cluster["work"] / "outputs")
+    assert np.array_equal(decode_frames(video), decode_frames(expected))
+    assert probe(video)["audio_codecs"] == ["aac"]
+    staged = [path for root in cluster["roots"] for path in (root / "data" / "workers").glob("*/inputs")]
+    assert staged and not [item for folder in staged for item in folder.iterdir()]
 
 
 def test_a_node_that_dies_mid_job_has_its_job_finished_on_the_other(cluster: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ def test_a_joining_pc_keeps_its_own_folders(tmp_path: Path, monkeypatch: pytest.
     own = StudioSettings(models_dir=tmp_path / "pc-models", data_dir=tmp_path / "pc-data")
     env = node_environment("t" * 64, shared_models=False, own=own)
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == "t" * 64
+    assert env["RAY_worker_niceness"] == "0"  # not Ray's nice 15: a busy desktop would starve them
     for key in (NODE_MODELS_ENV, NODE_DATA_ENV):
         monkeypatch.setenv(key, env[key])
     seen = node_settings(head.model_dump_json())

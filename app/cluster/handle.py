@@ -57,6 +57,8 @@ def describe_ray_failure(error: BaseException, host: str) -> str:
 class RayWorkerHandle(WorkerHandle):
     """One worker actor pinned to one node of the cluster."""
 
+    remote = True
+
     def __init__(
         self, settings: StudioSettings, worker_id: str, *, node_id: str, host: str, gpus: float
     ) -> None:

@@ -67,6 +67,9 @@ def node_environment(token: str, *, shared_models: bool, own: StudioSettings | N
         env[NODE_MODELS_ENV] = str(own.models_dir)
         env[NODE_DATA_ENV] = str(own.data_dir)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
+    # Ray starts its worker processes at nice 15: beside an artist's busy desktop they would get
+    # almost no CPU (data loading, encoding, the CPU fallback). Studio workers run at normal priority.
+    env.setdefault("RAY_worker_niceness", "0")
     if shared_models:
         env[SHARED_MODELS_ENV] = "1"
     return env

@@ -22,20 +22,20 @@ def write_artifact(outputs_root: Path, artifact: Artifact, *, paired: dict[str, 
         return save_encoded_atomically(
             artifact.data, directory, seed=artifact.seed or 0, extension=artifact.extension
         )
-    directory = Path(outputs_root) / _plain(artifact.folder)
+    directory = Path(outputs_root) / plain_name(artifact.folder)
     directory.mkdir(parents=True, exist_ok=True)
     if artifact.kind == "sidecar" and paired and artifact.pairs_with in paired:
-        path = paired[artifact.pairs_with].with_suffix(f".{_plain(artifact.extension)}")
+        path = paired[artifact.pairs_with].with_suffix(f".{plain_name(artifact.extension)}")
     else:
-        stem = _plain(artifact.stem or artifact.sha256[:16])
-        path, counter = directory / f"{stem}.{_plain(artifact.extension)}", 1
+        stem = plain_name(artifact.stem or artifact.sha256[:16])
+        path, counter = directory / f"{stem}.{plain_name(artifact.extension)}", 1
         while path.exists():
-            path, counter = directory / f"{stem}-{counter}.{_plain(artifact.extension)}", counter + 1
+            path, counter = directory / f"{stem}-{counter}.{plain_name(artifact.extension)}", counter + 1
     atomic_write_bytes(path, artifact.data)
     return path
 
 
-def _plain(name: str) -> str:
+def plain_name(name: str) -> str:
     """A single safe path component (artifacts come from another process, maybe another PC)."""
     cleaned = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).strip(".")
     if not cleaned:

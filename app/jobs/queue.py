@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from app.jobs.artifacts import replace_refs, write_artifact
 from app.jobs.cost_model import JobCostModel, request_features
+from app.jobs.inline_inputs import inline_files
 from app.jobs.spread import SpreadJob, part_id, split_id, spread_parts
 from app.jobs.store import FINISHED_STATES, JobRecord, JobStore
+from app.jobs.talking_head_split import TalkingHeadSplit, join_talking_head, should_split
 from contract.artifacts import JobOutcome
 from contract.events import JobProgress
 from contract.worker import ArtifactMessage, JobEventMessage, JobFinished, RunJob, StateMessage, WorkerReady
@@ -153,7 +155,13 @@ class JobQueue:
         max_attempts: int = 2,
         preview_mode: Callable[[], tuple[str, int]] | None = None,
         checkpoint_title: Callable[[str], str | None] | None = None,
+        split_seconds: float = 8.0,
+        parts_root: Path | None = None,
+        release_inputs: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        """``split_seconds``: talking heads with at least this much speech are rendered by several
+        workers when more than one is ready (-1: never); ``parts_root`` keeps their parts meanwhile;
+        ``release_inputs`` removes a finished job's staged upload files."""
         self.store = store
         self.workers = workers
         self.outputs_root = Path(outputs_root)
@@ -172,6 +180,9 @@ class JobQueue:
         self.stats = QueueStats()
         self._spread: dict[str, SpreadJob] = {}
         self._cancelled: set[str] = set()  # running jobs a user cancelled (not merely interrupted)
+        self.split_seconds = split_seconds
+        self.parts_root = Path(parts_root) if parts_root is not None else self.outputs_root.parent / "parts"
+        self.release_inputs = release_inputs or (lambda request: None)
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -359,7 +370,14 @@ class JobQueue:
             worker=handle.worker_id, message="Starting…", features=features, predicted_seconds=predicted
         )
         self._live[record.id] = live
-        parts = spread_parts(record.request) if len(self._ready_workers()) > 1 else None
+        ready = len(self._ready_workers())
+        if should_split(record.request, ready, self.split_seconds):  # motion here, frames anywhere
+            split = TalkingHeadSplit.start(record.id, record.request, self.parts_root)
+            self._spread[record.id] = split
+            live.predicted_seconds = None
+            self._start_part(split, split.pending.pop(0), handle, attempt=record.attempts)
+            return True
+        parts = spread_parts(record.request) if ready > 1 else None
         if parts is not None:  # its batches go to whichever workers are free, this one first
             spread = SpreadJob(record.id, parts, pending=list(range(len(parts))))
             self._spread[record.id] = spread
@@ -374,15 +392,22 @@ class JobQueue:
             self.store.requeue_after_crash(record.id, f"worker {handle.worker_id} unreachable: {exc}")
         return True
 
-    def _run_on(self, handle: WorkerHandle, job_id: str, request: dict[str, Any], attempt: int) -> None:
-        """Send one run (a job or a part of one) to ``handle``; ConnectionError if it is gone."""
+    def _run_on(
+        self, handle: WorkerHandle, job_id: str, request: dict[str, Any], attempt: int, **fields: Any
+    ) -> None:
+        """Send one run (a job or a part of one) to ``handle``; ConnectionError if it is gone. A worker
+        on another PC gets the job's input files with it."""
         mode, every = self.preview_mode()
+        stage = fields.get("stage") or {}
+        if getattr(handle, "remote", False) and stage.get("kind") != "frames":
+            fields["files"] = inline_files(request)
         message = RunJob(
             job_id=job_id,
             request=request,
             attempt=attempt,
             preview_mode=mode,  # type: ignore[arg-type]
             preview_every=every,
+            **fields,
         )
         self.stats.started(handle.worker_id)
         handle.run(message)
@@ -405,14 +430,24 @@ class JobQueue:
 
     def _start_part(self, spread: SpreadJob, index: int, handle: WorkerHandle, *, attempt: int) -> None:
         request = spread.parts[index]
-        features = request_features(request, loaded=self._has_loaded(handle, None))
-        predicted = self.cost_model.predict_seconds(handle.worker_id, handle.state.current_family, features)
-        spread.predicted[index] = (features, predicted)
+        if spread.records_costs:
+            features = request_features(request, loaded=self._has_loaded(handle, None))
+            family = handle.state.current_family
+            spread.predicted[index] = (
+                features,
+                self.cost_model.predict_seconds(handle.worker_id, family, features),
+            )
         spread.started[index] = time.monotonic()
         spread.running[index] = handle.worker_id
         spread.attempts[index] = spread.attempts.get(index, 0) + 1
         try:
-            self._run_on(handle, part_id(spread.job_id, index), request, max(attempt, spread.attempts[index]))
+            self._run_on(
+                handle,
+                part_id(spread.job_id, index),
+                request,
+                max(attempt, spread.attempts[index]),
+                **spread.run_fields(index),
+            )
         except (ConnectionError, OSError) as exc:
             handle.current_job = None
             spread.running.pop(index, None)
@@ -439,9 +474,19 @@ class JobQueue:
                 peak_vram_bytes=outcome.peak_vram_bytes,
             )
         spread.outcomes[index] = outcome
+        if isinstance(spread, TalkingHeadSplit) and index == 0 and outcome.state == "done":
+            if spread.stopped:
+                spread.outcomes[index] = JobOutcome(
+                    state="cancelled", error="Interrupted after the motion stage."
+                )
+            elif (error := spread.add_frame_parts(len(self._ready_workers()))) is not None:
+                spread.outcomes[index] = outcome = JobOutcome(state="failed", error=error)
         if outcome.state == "failed":  # one failed batch fails the job: stop the rest
             self._stop_other_parts(spread, outcome.error or "failed")
         if not spread.finished:
+            return
+        if isinstance(spread, TalkingHeadSplit):
+            self._talking_head_parts_done(spread)
             return
         live = self._live.get(spread.job_id)
         paths = live.paths if live else {}
@@ -485,9 +530,64 @@ class JobQueue:
         spread.outcomes[index] = outcome
         self._stop_other_parts(spread, outcome.error or "failed")
         if spread.finished:
-            self.store.finish(spread.job_id, "failed", error=outcome.error)
-            self._live.pop(spread.job_id, None)
-            self._spread.pop(spread.job_id, None)
+            self._end_job(spread.job_id, "failed", error=outcome.error)
+
+    def _end_job(
+        self, job_id: str, state: str, *, result: dict[str, Any] | None = None, error: str | None = None
+    ) -> None:
+        """Record a job's end (lock held) and forget what ran it."""
+        self.store.finish(job_id, state, result=result, error=error)
+        self._live.pop(job_id, None)
+        self._cancelled.discard(job_id)
+        spread = self._spread.pop(job_id, None)
+        if isinstance(spread, TalkingHeadSplit):
+            spread.discard()
+            self.release_inputs(spread.parts[0])
+
+    # joining a talking head rendered by several workers ------------------------------------------
+    def _talking_head_parts_done(self, split: TalkingHeadSplit) -> None:
+        """Every part has ended (lock held): join the frames into the video, or end the job as its
+        parts did (a failed part fails it; an interrupted one cancels it: no video is kept)."""
+        ordered = [split.outcomes[index] for index in range(len(split.parts))]
+        failed = next((outcome for outcome in ordered if outcome.state == "failed"), None)
+        if failed is not None or split.stopped or any(outcome.state != "done" for outcome in ordered):
+            stopped = next((outcome for outcome in ordered if outcome.state == "cancelled"), None)
+            state = "failed" if failed is not None and split.job_id not in self._cancelled else "cancelled"
+            error = (failed or stopped or JobOutcome(state="cancelled", error="Interrupted.")).error
+            self._end_job(split.job_id, state, error=error)
+            return
+        live = self._live.get(split.job_id)
+        if live is not None:
+            live.message = f"Joining {split.frame_count} frames from {len(split.parts) - 1} parts…"
+        threading.Thread(
+            target=self._join_talking_head, args=(split,), name=f"join-{split.job_id}", daemon=True
+        ).start()
+
+    def _join_talking_head(self, split: TalkingHeadSplit) -> None:
+        """Encode the joined frames with the speech, as one worker would have (outside the lock)."""
+        from sadtalker.errors import SadTalkerError, TalkingHeadInterruptedError
+
+        job_id = split.job_id
+        try:
+            result = join_talking_head(
+                split, self.outputs_root, stopped=lambda: split.job_id in self._cancelled
+            )
+        except TalkingHeadInterruptedError as exc:
+            with self._wake:
+                self._end_job(job_id, "cancelled", error=str(exc))
+                self._wake.notify_all()
+            return
+        except (SadTalkerError, OSError, ValueError) as exc:
+            log.exception("joining the parts of talking head %s failed", job_id)
+            with self._wake:
+                self._end_job(job_id, "failed", error=f"Joining the rendered frames failed: {exc}")
+                self._wake.notify_all()
+            return
+        for path in (result["images"][0], result["info"]["sidecar"]):
+            self.store.record_output(job_id, str(path))
+        with self._wake:
+            self._end_job(job_id, "done", result=result)
+            self._wake.notify_all()
 
     # placing ---------------------------------------------------------------------------------
     def _checkpoint_of(self, record: JobRecord) -> str | None:
@@ -641,6 +741,20 @@ class JobQueue:
             log.warning("dropping an artifact of job %s, which is not running", message.job_id)
             return
         artifact = message.artifact
+        if artifact.kind in ("motion", "frames"):
+            if not isinstance(spread, TalkingHeadSplit) or index is None:
+                log.warning(
+                    "dropping a %s artifact of job %s, which is not split", artifact.kind, message.job_id
+                )
+                return
+            try:
+                kept = spread.keep(index, artifact)
+            except (OSError, ValueError) as exc:
+                log.warning("dropping an artifact of job %s: %s", message.job_id, exc)
+                return
+            with self._wake:
+                spread.files.setdefault(index, []).append(kept)
+            return
         path = write_artifact(self.outputs_root, artifact, paired=live.written)
         self.store.record_output(job_id, str(path))  # so a crash can clean it up
         with self._wake:
@@ -684,6 +798,9 @@ class JobQueue:
             self._cancelled.discard(message.job_id)
             self.store.finish(message.job_id, state, result=result, error=outcome.error)
             self._live.pop(message.job_id, None)
+            record = self.store.get(message.job_id)
+            if record is not None and record.kind == "talking_head":
+                self.release_inputs(record.request)
             if handle.current_job == message.job_id:
                 handle.current_job = None
             self._wake.notify_all()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from contract.artifacts import JobOutcome
 
@@ -77,6 +77,14 @@ class SpreadJob:
     files: dict[int, list[Path]] = field(default_factory=dict)  # part -> files written so far
     started: dict[int, float] = field(default_factory=dict)
     predicted: dict[int, tuple[Any, float]] = field(default_factory=dict)  # part -> (features, seconds)
+    stopped: bool = False  # interrupted: no part starts any more
+
+    records_costs: ClassVar[bool] = True
+    """Whether each part's run trains the cost model as a job of its request (a batch is one)."""
+
+    def run_fields(self, index: int) -> dict[str, Any]:
+        """Extra :class:`~contract.worker.RunJob` fields for part ``index``."""
+        return {}
 
     @property
     def finished(self) -> bool:
@@ -84,6 +92,7 @@ class SpreadJob:
 
     def stop_pending(self, reason: str) -> None:
         """Interrupt: parts not started yet end as cancelled (finished parts are kept)."""
+        self.stopped = True
         for index in self.pending:
             self.outcomes[index] = JobOutcome(state="cancelled", error=reason)
         self.pending.clear()

@@ -47,6 +47,9 @@ class WorkerListener(Protocol):
 class WorkerHandle:
     """What the queue knows of one worker."""
 
+    remote = False
+    """True when the worker may be on another PC: the job's input files are sent with it."""
+
     def __init__(self, worker_id: str, device: str) -> None:
         self.worker_id = worker_id
         self.device = device

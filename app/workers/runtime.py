@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Send = Callable[["BaseModel"], None]
+FRAMES_PER_ARTIFACT = 25
+"""Frames per message of a talking-head render part (one second of video): messages stay small."""
 
 
 @dataclass
@@ -231,8 +233,14 @@ class WorkerRuntime:
                 self.jobs_done += 1
 
     def _run(self, message: RunJob, send: Send, control: JobControl) -> JobOutcome:
+        inputs = None
         try:
-            request = parse_job_request(message.request)
+            payload = message.request
+            if message.files:
+                inputs, payload = self._stage_files(message)
+            if message.stage is not None:
+                return self._talking_head_stage(payload, message, send, control)
+            request = parse_job_request(payload)
             if getattr(request, "mode", None) == "talking_head":
                 return self._talking_head(request, message, send, control)
             sink = ArtifactSink(message.job_id, send)
@@ -264,15 +272,33 @@ class WorkerRuntime:
         except Exception as exc:
             log.exception("job %s failed", message.job_id)
             return JobOutcome(state="failed", error=f"internal error: {exc.__class__.__name__}: {exc}")
+        finally:
+            if inputs is not None:
+                shutil.rmtree(inputs, ignore_errors=True)
+
+    def _stage_files(self, message: RunJob) -> tuple[Path, dict[str, Any]]:
+        """Save the files sent with the job and point the request at them (a worker on another PC
+        cannot read the head's paths)."""
+        import tempfile
+
+        from app.jobs.artifacts import plain_name
+
+        base = self.scratch_dir / "inputs" if self.scratch_dir is not None else None
+        if base is not None:
+            base.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="job-", dir=base))
+        payload = dict(message.request)
+        for index, item in enumerate(message.files):
+            path = folder / f"{index}-{plain_name(item.name)}"
+            path.write_bytes(item.data)
+            payload[item.request_field] = str(path)
+        return folder, payload
 
     def _sdxl(self) -> bool:
         current = self.engine.models.current
         return bool(current is not None and current.family.is_sdxl)
 
-    def _talking_head(self, request: Any, message: RunJob, send: Send, control: JobControl) -> JobOutcome:
-        if self.talking_head is None:
-            raise ValueError("mode: talking-head jobs are not enabled in this studio")
-
+    def _talking_head_reporter(self, message: RunJob, send: Send) -> Callable[[ProgressEvent], None]:
         def report(event: ProgressEvent) -> None:
             if event.stage == "saved":
                 return
@@ -292,6 +318,72 @@ class WorkerRuntime:
                 )
             )
 
+        return report
+
+    def _talking_head_stage(
+        self, payload: dict[str, Any], message: RunJob, send: Send, control: JobControl
+    ) -> JobOutcome:
+        """One part of a talking head split over workers (``app/jobs/talking_head_split.py``)."""
+        from contract.talking_head import TalkingHeadRequest
+        from sadtalker.motion_plan import MotionPlan, pack_frames
+
+        if self.talking_head is None:
+            raise ValueError("mode: talking-head jobs are not enabled in this studio")
+        report = self._talking_head_reporter(message, send)
+        stage = message.stage
+        if stage is None or stage.kind == "motion":
+            request = TalkingHeadRequest.model_validate(payload)
+            plan = self.talking_head.plan(request, control=control, on_progress=report)
+            motion = Artifact(kind="motion", folder="talking-head", extension="npz", data=plan.to_bytes())
+            send(ArtifactMessage(job_id=message.job_id, artifact=motion))
+            info = {"frames": plan.frame_count, "seed": plan.seed, "duration": plan.duration}
+            return JobOutcome(state="done", info=info, artifacts=[motion.ref])
+        try:
+            plan = MotionPlan.from_bytes(stage.plan)
+        except ValueError as exc:
+            return JobOutcome(state="failed", error=str(exc))
+        refs: list[str] = []
+        block: list[Any] = []
+        first = [stage.start]
+
+        def flush() -> None:
+            if not block:
+                return
+            import numpy as np
+
+            frames = Artifact(
+                kind="frames",
+                folder="talking-head",
+                extension="npz",
+                data=pack_frames(np.stack(block), first[0]),
+                first_frame=first[0],
+            )
+            send(ArtifactMessage(job_id=message.job_id, artifact=frames))
+            refs.append(frames.ref)
+            first[0] += len(block)
+            block.clear()
+
+        def sink(frame: Any, index: int) -> None:
+            block.append(frame)
+            if len(block) >= FRAMES_PER_ARTIFACT:
+                flush()
+
+        seconds = self.talking_head.render_frames(
+            plan, stage.start, stage.end, sink, control=control, on_progress=report
+        )
+        flush()
+        info = {
+            "frames": [stage.start, stage.end],
+            "stage_seconds": seconds,
+            "device": self.device,
+            "worker": self.worker_id,
+        }
+        return JobOutcome(state="done", info=info, artifacts=refs)
+
+    def _talking_head(self, request: Any, message: RunJob, send: Send, control: JobControl) -> JobOutcome:
+        if self.talking_head is None:
+            raise ValueError("mode: talking-head jobs are not enabled in this studio")
+        report = self._talking_head_reporter(message, send)
         result = self.talking_head.run(request, control=control, on_progress=report)
         video_path, sidecar_path = Path(result.result.path), Path(result.result.sidecar)
         try:

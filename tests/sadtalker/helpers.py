@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import wave
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,3 +102,12 @@ def files_in(folder: Path) -> list[str]:
     if not folder.exists():
         return []
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
+
+
+def one_worker_render(models_root: Path, outputs: Path, request: Any) -> Path:
+    """``request`` rendered by one engine in this process with the cheap stand-in generator."""
+    from sadtalker.engine import TalkingHeadEngine
+
+    engine = TalkingHeadEngine(models_root, outputs, device="cpu")
+    engine.models(256).generator = CheapGenerator()
+    return engine.run(request).path
