@@ -161,6 +161,7 @@ class StudioServices:
             split_seconds=self.settings.talking_head_split_seconds,
             parts_root=self.settings.data_dir / "talking-head-parts",
             release_inputs=self.uploads.release,
+            warmup=bool(self.settings.cluster_address),  # placement between PCs needs a first measurement
         )
 
     def start_queue(self) -> JobQueue:

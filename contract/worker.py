@@ -39,6 +39,7 @@ class RunJob(BaseModel):
         None, description="Run one part of a talking head split over workers instead of the whole job."
     )
     files: list[InlineFile] = Field(default_factory=list, description="Input files sent with the job.")
+    warmup: bool = Field(False, description="A warm-up run for the cost model: its images are not sent back.")
 
 
 class ControlJob(BaseModel):

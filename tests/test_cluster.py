@@ -113,6 +113,14 @@ def test_a_job_runs_on_a_worker_actor_and_equals_the_local_run(
     assert all(
         Path(p).is_relative_to(cluster["work"] / "outputs") for p in status.images
     )  # written by the head
+    # Each worker ran a warm-up while the queue was empty: the cost model measured both PCs (plus
+    # this job), and the warm-ups left no job and no file behind.
+    deadline = time.monotonic() + 600
+    while services.queue.cost_model.runs() < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert services.queue.cost_model.runs() >= 3
+    assert [record.id for record in services.queue.store.list(limit=10)] == [job]
+    assert len(list((cluster["work"] / "outputs").rglob("*.png"))) == len(status.images)
 
 
 def test_a_batch_count_spread_over_two_pcs_equals_the_one_worker_run(

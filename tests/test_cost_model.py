@@ -201,3 +201,28 @@ def test_metrics_endpoint_reports_jobs_workers_and_the_cost_model(tmp_path: Path
         assert "sdstudio_requeues" in families and "sdstudio_cost_model_relative_error" in families
     finally:
         services.queue.stop()
+
+
+def test_new_workers_warm_up_while_the_queue_is_empty_and_seed_the_model(tmp_path: Path) -> None:
+    """Each worker runs one short warm-up job of its own when nothing waits: the cost model gets a
+    measurement per worker before the first real job; nothing is stored and no file is written."""
+    from app.jobs.queue import WARMUP_REQUEST
+
+    runtimes = [TimedRuntime("gpu0", 0.001), TimedRuntime("gpu1", 0.001)]
+    pool = WorkerPool([InProcessWorkerHandle(runtime) for runtime in runtimes])  # type: ignore[arg-type]
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    queue = JobQueue(store, pool, outputs_root=tmp_path / "outputs", warmup=True)
+    queue.start()
+    try:
+        deadline = time.monotonic() + 600  # a bound on waiting, not a speed requirement
+        while queue.cost_model.runs() < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert queue.cost_model.runs() == 2
+        assert [runtime.ran for runtime in runtimes] == [[WARMUP_REQUEST["prompt"]]] * 2
+        assert store.list(limit=10) == [] and not (tmp_path / "outputs").exists()
+        job = queue.submit(Txt2ImgRequest(prompt="real", width=64, height=64, steps=2))
+        assert queue.wait(job, timeout=120).state == "done"
+        assert sum(runtime.ran.count("real") for runtime in runtimes) == 1  # no second warm-up
+        assert sum(len(runtime.ran) for runtime in runtimes) == 3
+    finally:
+        queue.stop()

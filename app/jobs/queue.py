@@ -40,6 +40,18 @@ log = logging.getLogger(__name__)
 
 MAX_WORKER_RESTARTS_WITHOUT_A_JOB = 3
 """A worker that dies this many times in a row before finishing anything is left stopped."""
+WARMUP_PREFIX = "warmup-"
+WARMUP_REQUEST: dict[str, Any] = {
+    "mode": "txt2img",
+    "prompt": "a lighthouse on a cliff at dusk",
+    "steps": 4,
+    "width": 256,
+    "height": 256,
+    "seed": 1,
+    "sampler_name": "Euler",
+}
+"""The warm-up job a new worker runs while the queue is empty (``warmup=True``): it loads the default
+model and gives the cost model the worker's first measurement, including the model load."""
 
 
 @dataclass
@@ -158,10 +170,12 @@ class JobQueue:
         split_seconds: float = 8.0,
         parts_root: Path | None = None,
         release_inputs: Callable[[dict[str, Any]], None] | None = None,
+        warmup: bool = False,
     ) -> None:
         """``split_seconds``: talking heads with at least this much speech are rendered by several
         workers when more than one is ready (-1: never); ``parts_root`` keeps their parts meanwhile;
-        ``release_inputs`` removes a finished job's staged upload files."""
+        ``release_inputs`` removes a finished job's staged upload files; with ``warmup`` each new worker
+        runs :data:`WARMUP_REQUEST` when it is idle and nothing waits (its images are discarded)."""
         self.store = store
         self.workers = workers
         self.outputs_root = Path(outputs_root)
@@ -183,6 +197,9 @@ class JobQueue:
         self.split_seconds = split_seconds
         self.parts_root = Path(parts_root) if parts_root is not None else self.outputs_root.parent / "parts"
         self.release_inputs = release_inputs or (lambda request: None)
+        self.warmup = warmup
+        self._warmed: set[str] = set()  # workers that ran (or were given) their warm-up
+        self._warmups: dict[str, tuple[Any, float]] = {}  # warm-up run -> (features, started)
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -355,7 +372,7 @@ class JobQueue:
             return True
         upcoming = self.store.peek_next()
         if upcoming is None:
-            return False
+            return self._dispatch_warmup(idle)
         choice = self._placement(upcoming, idle)
         if choice is None:
             return False  # a busy worker will finish it sooner: wait for it
@@ -411,6 +428,43 @@ class JobQueue:
         )
         self.stats.started(handle.worker_id)
         handle.run(message)
+
+    def _dispatch_warmup(self, idle: list[WorkerHandle]) -> bool:
+        """Give an idle worker that never ran anything its warm-up (lock held, nothing queued)."""
+        if not self.warmup:
+            return False
+        for handle in idle:
+            if handle.worker_id in self._warmed:
+                continue
+            self._warmed.add(handle.worker_id)
+            if handle.state.jobs_done:
+                continue  # it has been measured by real jobs already
+            job_id = f"{WARMUP_PREFIX}{handle.worker_id}"
+            features = request_features(WARMUP_REQUEST, loaded=self._has_loaded(handle, None))
+            self._warmups[job_id] = (features, time.monotonic())
+            try:
+                self._run_on(handle, job_id, WARMUP_REQUEST, 1, warmup=True)
+            except (ConnectionError, OSError):
+                handle.current_job = None
+                self._warmups.pop(job_id, None)
+            return True
+        return False
+
+    def _warmup_finished(self, handle: WorkerHandle, job_id: str, outcome: JobOutcome) -> None:
+        """A warm-up ended (lock held): its time seeds the cost model; nothing is stored."""
+        features, started = self._warmups.pop(job_id)
+        self.stats.ended(handle.worker_id, None, 0.0)
+        if handle.current_job == job_id:
+            handle.current_job = None
+        if outcome.state == "done":
+            seconds = time.monotonic() - started
+            family = handle.state.current_family
+            self.cost_model.record(
+                handle.worker_id, family, features, seconds, peak_vram_bytes=outcome.peak_vram_bytes
+            )
+            log.info("worker %s warmed up in %.1f s", handle.worker_id, seconds)
+        else:
+            log.warning("worker %s: warm-up job %s: %s", handle.worker_id, outcome.state, outcome.error)
 
     # spreading a job's batches ------------------------------------------------------------------
     def _ready_workers(self) -> list[WorkerHandle]:
@@ -766,6 +820,11 @@ class JobQueue:
 
     def _on_finished(self, handle: WorkerHandle, message: JobFinished) -> None:
         outcome = message.outcome
+        if message.job_id in self._warmups:
+            with self._wake:
+                self._warmup_finished(handle, message.job_id, outcome)
+                self._wake.notify_all()
+            return
         job_id, index = split_id(message.job_id)
         spread = self._spread.get(job_id) if index is not None else None
         if spread is not None and index is not None:
@@ -814,6 +873,9 @@ class JobQueue:
         with self._wake:
             job_id = handle.current_job
             handle.current_job = None
+            if job_id is not None and self._warmups.pop(job_id, None) is not None:
+                self.stats.ended(handle.worker_id, None, 0.0)
+                job_id = None  # a warm-up: nothing to requeue
             parent, index = split_id(job_id) if job_id is not None else (None, None)
             spread = self._spread.get(parent) if parent is not None and index is not None else None
             if spread is not None and index is not None and index in spread.running:

@@ -175,6 +175,6 @@ def join_talking_head(
         "parameters": request,
         "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"),
         "frame_ranges": ranges,
-        "workers": sorted({str(outcome.info["worker"]) for outcome in frame_parts if outcome.info.get("worker")}),
+        "workers": sorted({str(part.info["worker"]) for part in frame_parts if part.info.get("worker")}),
     }
     return {"images": [str(result.path)], "info": info}

@@ -89,7 +89,7 @@ def build_ui(services: StudioServices) -> Any:
                 presets_tab.build(services)
             with gr.Tab("Settings", id="settings", elem_id="tab_settings") as pages["settings"]:
                 settings_tab.build(services)
-            with gr.Tab("Queue", id="queue", elem_id="tab_queue") as pages["queue"]:
+            with gr.Tab("Queue / Cluster", id="queue", elem_id="tab_queue") as pages["queue"]:
                 queue = queue_tab.build(services)
         targets = send_to.SendTargets(
             tabs=tabs, txt2img=txt2img, img2img=img2img, extras=extras, talking_head_image=talking_head_image

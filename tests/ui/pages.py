@@ -15,7 +15,7 @@ TAB_LABELS = {
     "pnginfo": "PNG Info",
     "talking_head": "Talking head",
     "settings": "Settings",
-    "queue": "Queue",
+    "queue": "Queue / Cluster",
 }
 
 # Records every text the progress line of a tab shows, so a test can tell that "Loading model"
