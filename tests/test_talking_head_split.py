@@ -184,3 +184,12 @@ def test_only_long_enough_talking_heads_are_split(speech_wav: Path) -> None:
     assert not should_split(job, 2, 60) and not should_split(job, 1, 0) and not should_split(job, 2, -1)
     assert not should_split({"mode": "txt2img"}, 4, 0)
     assert should_split({"mode": "talking_head", "audio": "speech.mp3"}, 2, 60)  # length unknown
+
+
+def test_the_split_length_is_a_launch_flag() -> None:
+    import launch
+
+    for value, expected in (("0", 0.0), ("-1", -1.0), ("12.5", 12.5)):
+        args = launch.studio_flags().parse_args(["--split-talking-head", value])
+        assert launch.settings_overrides(args)["talking_head_split_seconds"] == expected
+    assert "talking_head_split_seconds" not in launch.settings_overrides(launch.studio_flags().parse_args([]))
