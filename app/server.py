@@ -43,12 +43,15 @@ def serve(settings: StudioSettings, *, block: bool = True) -> int:
     services.start_queue()
     if settings.preload_model and services.registry.checkpoints():
         services.workers.set_default_model(services.selected_checkpoint, load=True, timeout=0)
-    if not serve_api:
-        return _launch_ui_only(services, ui_credentials, block=block, announcement=announcement)
-
-    app = build_served_app(services, ui_credentials, api_credentials)
-    _run_uvicorn(app, settings, block=block, announcement=announcement)
-    return 0
+    try:
+        if not serve_api:
+            return _launch_ui_only(services, ui_credentials, block=block, announcement=announcement)
+        app = build_served_app(services, ui_credentials, api_credentials)
+        _run_uvicorn(app, settings, block=block, announcement=announcement)
+        return 0
+    finally:
+        if block:  # the server has stopped: running jobs wait in the store for the next start
+            services.queue.abandon()
 
 
 def lan_addresses() -> list[str]:

@@ -20,6 +20,7 @@ def test_head_and_join_commands_use_the_documented_ports_and_slots() -> None:
     assert system["health_check_period_ms"] == 1000 and system["health_check_failure_threshold"] == 3
     join = start_command(head=False, address="10.0.0.5:6379", slots=1, gpus=0, block=True)
     assert "--address=10.0.0.5:6379" in join and "--block" in join and "--head" not in join
+    assert not [arg for arg in join if arg.startswith("--include-dashboard")]  # refused off the head
     for command in (head, join):
         resources = json.loads(next(a for a in command if a.startswith("--resources="))[12:])
         assert resources["sdstudio_worker"] >= 1

@@ -237,6 +237,8 @@ class JobView(BaseModel):
     message: str
     error: str | None
     info: dict[str, Any] | None
+    worker: str | None = Field(None, description="The worker(s) running it now (a spread job: several).")
+    attempts: int = Field(0, description="Runs started; more than 1 when a lost worker made it run again.")
     links: JobLinks
 
 

@@ -79,6 +79,8 @@ def job_view(context: ApiContext, status: Any) -> dict[str, Any]:
         "message": status.message,
         "error": status.error,
         "info": status.info,
+        "worker": status.worker,
+        "attempts": status.attempts,
         "links": {
             "self": f"{JOBS_PREFIX}/{status.id}",
             "events": f"{JOBS_PREFIX}/{status.id}/events",

@@ -78,9 +78,14 @@ def node_environment(token: str, *, shared_models: bool, own: StudioSettings | N
 def start_command(
     *, head: bool, address: str | None, slots: int, gpus: int, block: bool = False
 ) -> list[str]:
-    command = [ray_executable(), "start", "--disable-usage-stats", "--include-dashboard=false"]
-    if head:
-        command += ["--head", f"--port={PORTS['gcs']}", f"--system-config={json.dumps(HEALTH_CHECKS)}"]
+    command = [ray_executable(), "start", "--disable-usage-stats"]
+    if head:  # Ray refuses --include-dashboard on a joining node ("only ... with --head")
+        command += [
+            "--head",
+            "--include-dashboard=false",
+            f"--port={PORTS['gcs']}",
+            f"--system-config={json.dumps(HEALTH_CHECKS)}",
+        ]
     else:
         command += [f"--address={address}"]
     command += [

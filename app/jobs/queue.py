@@ -22,7 +22,7 @@ from app.jobs.artifacts import replace_refs, write_artifact
 from app.jobs.cost_model import JobCostModel, request_features
 from app.jobs.inline_inputs import inline_files
 from app.jobs.spread import SpreadJob, part_id, split_id, spread_parts
-from app.jobs.store import FINISHED_STATES, JobRecord, JobStore
+from app.jobs.store import FINISHED_STATES, JobRecord, JobStore, cut_short_error
 from app.jobs.talking_head_split import TalkingHeadSplit, join_talking_head, should_split
 from contract.artifacts import JobOutcome
 from contract.events import JobProgress
@@ -224,6 +224,15 @@ class JobQueue:
         if self._dispatcher is not None:
             self._dispatcher.join(timeout)
         self.workers.stop(timeout)
+
+    def abandon(self) -> None:
+        """The studio is shutting down to restart: stop dispatching and leave running jobs as the
+        store has them ("running"), so the next start requeues them once, as after a crash. Workers
+        that die from here on (the cluster's Ray stopping, worker processes ending with the studio)
+        change nothing: they would otherwise count a second attempt, or fail the job."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
 
     # submitting and controlling ----------------------------------------------------------------
     def submit(self, request: Any, *, owner: str = "local") -> str:
@@ -562,11 +571,7 @@ class JobQueue:
         for path in spread.files.pop(index, []):
             path.unlink(missing_ok=True)
         if spread.attempts.get(index, 0) >= self.max_attempts:
-            times = spread.attempts.get(index, 0)
-            error = (
-                f"This job stopped its worker {times} times ({reason}), probably by running out of memory; "
-                "it was not retried. Try a smaller size, batch or upscale factor."
-            )
+            error = cut_short_error(spread.attempts.get(index, 0), reason)
             self.stats.crash_failures += 1
             self._part_finished_quietly(spread, index, JobOutcome(state="failed", error=error))
             return "failed"
@@ -871,6 +876,9 @@ class JobQueue:
     def on_worker_exit(self, handle: WorkerHandle, reason: str) -> None:
         """A worker process died: requeue (or fail) its job, then start a fresh worker."""
         with self._wake:
+            if self._stopping:  # the studio is going down: the job stays for the next start
+                log.info("worker %s ended with the studio (%s)", handle.worker_id, reason)
+                return
             job_id = handle.current_job
             handle.current_job = None
             if job_id is not None and self._warmups.pop(job_id, None) is not None:
@@ -900,8 +908,6 @@ class JobQueue:
                 log.error("worker %s: %s during job %s; job %s", handle.worker_id, reason, job_id, state)
             else:
                 log.error("worker %s: %s", handle.worker_id, reason)
-            if self._stopping:
-                return
             failures = self._failed_starts.get(handle.worker_id, 0) + (0 if job_id else 1)
             self._failed_starts[handle.worker_id] = failures
             self._wake.notify_all()

@@ -209,11 +209,7 @@ class JobStore:
             for path in json.loads(row["outputs"]):
                 Path(path).unlink(missing_ok=True)
             if max_attempts is not None and row["attempts"] >= max_attempts:
-                times = "once" if row["attempts"] == 1 else f"{row['attempts']} times"
-                error = (
-                    f"This job stopped its worker {times} ({reason}), probably by running out of "
-                    "memory; it was not retried. Try a smaller size, batch or upscale factor."
-                )
+                error = cut_short_error(row["attempts"], reason)
                 db.execute(
                     "UPDATE jobs SET state = 'failed', finished = ?, outputs = '[]', error = ? WHERE id = ?",
                     (time.time(), error, job_id),
@@ -303,3 +299,21 @@ class JobStore:
         with self._lock:
             row = self._db.execute(query, (*candidates, *candidates, *candidates)).fetchone()
         return str(row["owner"]) if row else None
+
+
+LOST_PC_WORDS = ("left the cluster", "unreachable")
+
+
+def cut_short_error(attempts: int, reason: str) -> str:
+    """Why a job that was cut short ``attempts`` times is not run again, with a next step: a lost PC
+    is not the job's fault; a worker dying under the job probably ran out of memory."""
+    times = "once" if attempts == 1 else f"{attempts} times"
+    if any(words in reason for words in LOST_PC_WORDS):
+        return (
+            f"This job was cut short {times} (last: {reason}); it was not run again. "
+            "Submit it again once the studio's PCs are steady."
+        )
+    return (
+        f"This job stopped its worker {times} ({reason}), probably by running out of "
+        "memory; it was not retried. Try a smaller size, batch or upscale factor."
+    )
