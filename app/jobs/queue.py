@@ -6,11 +6,17 @@ next job (fair order) to an idle worker, preferring one that already has the job
 workers report progress, artifacts (written into ``outputs/`` here, as they arrive) and the outcome.
 When a worker process dies mid-job the job is queued again, up to ``max_attempts`` runs, and the
 worker restarted; the studio itself keeps answering.
+
+With several workers, a job's batches are spread over them (``app/jobs/spread.py``) and a long
+talking head is rendered in frame ranges by several of them and joined here
+(``app/jobs/talking_head_split.py``); a cost model (``app/jobs/cost_model.py``) places each job where
+it should finish first, and in a cluster each new worker runs a short warm-up job to seed it.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -210,6 +216,7 @@ class JobQueue:
             log.warning("requeued %d job(s) interrupted by a restart", len(requeued))
         for job_id in failed:
             log.error("job %s failed: it was cut short %d times", job_id, self.max_attempts)
+        shutil.rmtree(self.parts_root, ignore_errors=True)  # split talking heads of a run that ended
         self.stats.since = time.monotonic()
         self.workers.start(self)
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="job-dispatcher", daemon=True)
