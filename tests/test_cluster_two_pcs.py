@@ -47,10 +47,14 @@ def _can_run() -> str | None:
     with socket.socket() as probe:
         if probe.connect_ex(("127.0.0.1", PORTS["gcs"])) == 0:
             return f"port {PORTS['gcs']} is taken on this machine"
+    namespaces = ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "true"]
+    if subprocess.run(namespaces, capture_output=True, check=False).returncode != 0:
+        return "PID and mount namespaces are not available here"
     return None
 
 
-pytestmark = pytest.mark.skipif(_can_run() is not None, reason=str(_can_run()))
+WHY_NOT = _can_run()
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
 
 
 def _run(*command: str) -> None:
