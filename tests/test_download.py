@@ -257,10 +257,10 @@ class FakeHubHandler(BaseHTTPRequestHandler):
         if head:
             return
         sent = body[:cut_after] if cut_after is not None else body
+        with self.hub.lock:  # recorded first: the client may be done before this thread runs again
+            record.bytes_sent = len(sent)
         self.wfile.write(sent)
         self.wfile.flush()
-        with self.hub.lock:
-            record.bytes_sent = len(sent)
         if cut_after is not None:  # promise the whole body, deliver part of it, hang up: a dropped connection
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
