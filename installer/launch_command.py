@@ -51,9 +51,7 @@ def remember_launch_command(environ: MutableMapping[str, str] | None = None) -> 
     return env[LAUNCH_COMMAND_ENV]
 
 
-def launch_command(
-    *args: str, system: str | None = None, environ: Mapping[str, str] | None = None
-) -> str:
+def launch_command(*args: str, system: str | None = None, environ: Mapping[str, str] | None = None) -> str:
     """``<how the user started the studio> <args>``, e.g. ``python3 launch.py download x``. Without
     a recorded command (a library used on its own, a test) it is README's spelling for ``system``
     (``sys.platform`` by default): ``.\\launch.bat`` on Windows, ``python3 launch.py`` elsewhere."""
