@@ -63,7 +63,7 @@ from sadtalker.networks.blocks import (
     coordinate_grid_3d,
     normalized_axis,
 )
-from sadtalker.networks.generator import KEYPOINT_VARIANCE, MASK_FLOOR
+from sadtalker.networks.generator import KEYPOINT_VARIANCE, MASK_FLOOR, warp_volume
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -718,17 +718,7 @@ class FastFaceGenerator(nn.Module):
         self, source_volume: torch.Tensor, driving_kp: torch.Tensor, source_kp: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         motion = self.motion(source_volume, driving_kp, source_kp)
-        deformation = motion["deformation"]
-        if deformation.shape[1:4] != source_volume.shape[2:]:
-            deformation = F.interpolate(
-                deformation.permute(0, 4, 1, 2, 3),
-                size=source_volume.shape[2:],
-                mode="trilinear",
-                align_corners=False,
-            ).permute(0, 2, 3, 4, 1)
-        warped = F.grid_sample(
-            source_volume, deformation, mode="bilinear", padding_mode="zeros", align_corners=False
-        )
+        warped = warp_volume(source_volume, motion["deformation"])
         if self.precision == "bf16":
             # The motion field, the warp and the occlusion stay float32: sampling grids need the
             # precision. The 2-D stages after the warp (most of the cost) run in bfloat16.

@@ -25,28 +25,23 @@ from app.settings import StudioSettings
 from contract.talking_head import TalkingHeadRequest
 from sadtalker.motion_plan import MotionPlan, frame_ranges, pack_frames, unpack_frames
 from tests.sadtalker.conftest import astronaut_png, media_dir, sadtalker_models_root, speech_wav  # noqa: F401
-from tests.sadtalker.helpers import CheapGenerator, decode_frames, files_in, one_worker_render, probe
+from tests.sadtalker.helpers import GatedGenerator, decode_frames, files_in, one_worker_render, probe
 
 
-class MeetingGenerator(CheapGenerator):
-    """The cheap stand-in; with a ``meeting`` barrier set, its first render waits until the other
-    worker's generator renders too (so a test knows both workers rendered at once); with ``gate``
-    closed, renders wait for the test."""
+class MeetingGenerator(GatedGenerator):
+    """The gated stand-in; with a ``meeting`` barrier set, its first render waits until the other
+    worker's generator renders too (so a test knows both workers rendered at once)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.meeting: threading.Barrier | None = None
-        self.gate = threading.Event()
-        self.gate.set()
-        self.rendering = threading.Event()
 
     def render(
         self, source_volume: torch.Tensor, driving_kp: torch.Tensor, source_kp: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        self.rendering.set()
         meeting, self.meeting = self.meeting, None
         if meeting is not None:
             meeting.wait()
-        assert self.gate.wait(600), "the test never opened the gate"
         return super().render(source_volume, driving_kp, source_kp)
 
 

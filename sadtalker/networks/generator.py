@@ -31,6 +31,20 @@ KEYPOINT_VARIANCE = 0.01
 MASK_FLOOR = 1e-3
 
 
+def warp_volume(source_volume: torch.Tensor, deformation: torch.Tensor) -> torch.Tensor:
+    """The source feature volume sampled along the dense motion (resized to the volume first)."""
+    if deformation.shape[1:4] != source_volume.shape[2:]:
+        deformation = F.interpolate(
+            deformation.permute(0, 4, 1, 2, 3),
+            size=source_volume.shape[2:],
+            mode="trilinear",
+            align_corners=False,
+        ).permute(0, 2, 3, 4, 1)
+    return F.grid_sample(
+        source_volume, deformation, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+
+
 class DenseMotionEstimator(nn.Module):
     """Blends one candidate flow per keypoint (plus the identity) into a dense 3-D flow + occlusion map."""
 
@@ -186,17 +200,7 @@ class WarpingSpadeGenerator(nn.Module):
         weights) and ``occlusion_map``.
         """
         motion = self.dense_motion_network(source_volume, driving_kp=driving_kp, source_kp=source_kp)
-        deformation = motion["deformation"]
-        if deformation.shape[1:4] != source_volume.shape[2:]:
-            deformation = F.interpolate(
-                deformation.permute(0, 4, 1, 2, 3),
-                size=source_volume.shape[2:],
-                mode="trilinear",
-                align_corners=False,
-            ).permute(0, 2, 3, 4, 1)
-        warped = F.grid_sample(
-            source_volume, deformation, mode="bilinear", padding_mode="zeros", align_corners=False
-        )
+        warped = warp_volume(source_volume, motion["deformation"])
         batch, channels, depth, height, width = warped.shape
         out = self.fourth(self.third(warped.reshape(batch, channels * depth, height, width)))
         occlusion = motion["occlusion_map"]

@@ -43,6 +43,7 @@ def test_a_job_is_accepted_at_once_then_streams_progress_and_links_its_result(
     assert names[-1] == "end" and set(names[:-1]) <= {"progress"}
     final = events[-1][1]
     assert final["state"] == "done" and final["progress"] == 1.0
+    assert final["attempts"] == 1 and final["worker"] is None  # finished: no worker runs it now
     assert final["info"]["all_seeds"] == [21]
     fractions = [data["progress"] for name, data in events if name == "progress" and "progress" in data]
     assert fractions == sorted(fractions)  # a tiny job may finish between two polls: no step count required

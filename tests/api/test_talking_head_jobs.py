@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from app.services import StudioServices
@@ -26,27 +24,11 @@ from app.settings import StudioSettings
 
 # The talking-head fixtures, shared with tests/sadtalker (imported fixtures are used by parameter name).
 from tests.sadtalker.conftest import astronaut_png, media_dir, sadtalker_models_root, speech_wav  # noqa: F401
-from tests.sadtalker.helpers import CheapGenerator, files_in, probe
+from tests.sadtalker.helpers import GatedGenerator, files_in, probe
 
 USERS = {"alice": "a-pass", "bob": "b-pass"}
 ALICE = ("alice", USERS["alice"])
 MAX_UPLOAD_MB = 2
-
-
-class GatedGenerator(CheapGenerator):
-    """The cheap stand-in; while ``gate`` is closed, a render waits (``rendering`` says one started)."""
-
-    def __init__(self) -> None:
-        self.gate = threading.Event()
-        self.gate.set()
-        self.rendering = threading.Event()
-
-    def render(
-        self, source_volume: torch.Tensor, driving_kp: torch.Tensor, source_kp: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        self.rendering.set()
-        assert self.gate.wait(120), "the test never opened the gate"
-        return super().render(source_volume, driving_kp, source_kp)
 
 
 @dataclass

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import threading
 import wave
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,22 @@ class CheapGenerator:
     ) -> dict[str, torch.Tensor]:
         motion = (driving_kp - source_kp).mean(dim=(1, 2)).view(-1, 1, 1, 1)
         return {"prediction": (source_volume + 4 * motion).clamp(0, 1)}
+
+
+class GatedGenerator(CheapGenerator):
+    """The cheap stand-in; while ``gate`` is closed, a render waits (``rendering`` says one started)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.rendering = threading.Event()
+
+    def render(
+        self, source_volume: torch.Tensor, driving_kp: torch.Tensor, source_kp: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        self.rendering.set()
+        assert self.gate.wait(120), "the test never opened the gate"
+        return super().render(source_volume, driving_kp, source_kp)
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
