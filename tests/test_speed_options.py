@@ -17,7 +17,13 @@ from pydantic import ValidationError
 
 from contract.images import Img2ImgRequest, Txt2ImgRequest, format_validation_error
 from pipelines.generation.engine import EngineConfig, ImageEngine
-from pipelines.generation.speedups import JobSpeedups, SpeedOptions, deep_blocks, merged_attention_layers
+from pipelines.generation.speedups import (
+    JobSpeedups,
+    SpeedOptions,
+    SpeedStats,
+    deep_blocks,
+    merged_attention_layers,
+)
 from pipelines.outputs.infotext import infotext_to_request_fields, parse_infotext
 from pipelines.outputs.saving import read_png_parameters
 
@@ -327,6 +333,101 @@ def test_lowvram_is_group_offload_and_the_old_path_stays_selectable(monkeypatch:
     pipe.to.assert_not_called()
     cpu_line = memory._apply_placement(pipe, memory.MEMORY_PRESETS["lowvram"], torch.device("cpu"))
     assert "not applied (group offloading needs a CUDA GPU" in cpu_line
+
+
+def test_the_oom_fallback_chain_switches_offloading_on_the_loaded_pipeline() -> None:
+    """The OOM retry lowers the preset of the pipeline already loaded: medvram (accelerate's model
+    offload) -> lowvram (diffusers' group offloading) -> lowvram-sequential; diffusers refuses to
+    stack those, so each switch takes the previous one off. Run here with the CPU as the "GPU".
+    (accelerate cannot run sequential offload with the CPU as its execution device, so that one is
+    switched to and away from without a generation in between.)"""
+    from pipelines.generation.memory import MEMORY_PRESETS, _group_offloaded, place_with_offload
+    from tests.tiny_models import tiny_pipeline
+
+    cpu = torch.device("cpu")
+    pipe = tiny_pipeline("sd1", seed=0)
+
+    def run() -> np.ndarray:
+        return pipe(
+            "a cat",
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            height=64,
+            width=64,
+        ).images[0]
+
+    plain = run()
+    chain = [MEMORY_PRESETS[name].offload for name in ("medvram", "lowvram", "lowvram-sequential")]
+    assert chain == ["model", "group", "sequential"]
+    for offload in [*chain, "group", "model", "none"]:
+        line = place_with_offload(pipe, offload, cpu)
+        assert line.startswith("offload:"), line
+        grouped = any(_group_offloaded(m) for m in pipe.components.values())
+        hooked = any(hasattr(m, "_hf_hook") for m in pipe.components.values())
+        assert grouped == (offload == "group") and hooked == (offload in ("model", "sequential")), offload
+        if offload != "sequential":
+            assert np.array_equal(run(), plain), offload
+
+
+def test_speed_options_compose_with_lowvram_group_offload_and_fp8() -> None:
+    """``lowvram`` is diffusers' group offloading with CUDA streams, whose first UNet forward traces
+    the block order through hooks that then remove themselves. The group offloading runs here on the
+    CPU (no streams on this machine) with diffusers' own tracer hook added as streams would add it;
+    step caching + token merging + fp8 must give the first job after load the same image as later
+    jobs and as a pipeline without offloading, and leave no tracer behind."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.group_offloading import LazyPrefetchGroupOffloadingHook, apply_group_offloading
+
+    from pipelines.generation.memory import MemoryOptions, apply_memory_options
+    from pipelines.generation.speedups import OFFLOAD_TRACE_HOOK, offload_trace_pending
+    from tests.tiny_models import tiny_pipeline
+
+    cpu = torch.device("cpu")
+    reference, pipe = tiny_pipeline("sd1", seed=0), tiny_pipeline("sd1", seed=0)
+    for each in (reference, pipe):
+        apply_memory_options(each, MemoryOptions(device="cpu", dtype="fp32", fp8_unet=True), cpu)
+    apply_group_offloading(
+        pipe.unet, onload_device=cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1
+    )
+    tracer = LazyPrefetchGroupOffloadingHook()
+    HookRegistry.check_if_exists_or_initialize(pipe.unet).register_hook(tracer, OFFLOAD_TRACE_HOOK)
+    assert offload_trace_pending(pipe.unet)
+
+    def job(p: Any) -> tuple[np.ndarray, SpeedStats, int]:
+        deep = CallCounter(p.unet.down_blocks[1])
+        speed = JobSpeedups(SpeedOptions(cache_interval=3, token_merging_ratio=0.5))
+        with speed.attached(p.unet):
+            image = p(
+                "a cat",
+                num_inference_steps=6,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+                height=64,
+                width=64,
+            ).images[0]
+        deep.handle.remove()
+        return image, speed.stats, deep.calls
+
+    expected, expected_stats, expected_calls = job(reference)
+    assert expected_stats.cached_calls > 0 and expected_stats.merged_attention_calls > 0
+    for attempt in ("first job, tracing", "second job"):
+        image, stats, calls = job(pipe)
+        assert np.array_equal(image, expected), attempt
+        assert (stats.cached_calls, stats.full_calls, calls) == (
+            expected_stats.cached_calls,
+            expected_stats.full_calls,
+            expected_calls,
+        ), f"{attempt}: the deep blocks are skipped on cached calls"
+        assert not offload_trace_pending(pipe.unet)
+    traced = len(tracer.execution_order)
+    assert traced > 0
+    job(pipe)
+    assert len(tracer.execution_order) == traced, "no tracer hook left on the blocks"
+    assert all(
+        set(block._diffusers_hook.hooks) == {"group_offloading"}
+        for block in (*pipe.unet.down_blocks, *pipe.unet.up_blocks)
+    )
 
 
 def test_launch_flags_and_settings_reach_the_engine(tmp_path: Path) -> None:

@@ -591,48 +591,101 @@ def _apply_placement(pipe: DiffusionPipeline, options: MemoryOptions, device: to
     if options.offload == "group":
         return _apply_group_offload(pipe, device)
     if options.offload != "none":
-        method_name = (
-            "enable_model_cpu_offload" if options.offload == "model" else "enable_sequential_cpu_offload"
-        )
         if device.type != "cuda":
             reason = f"CPU offload needs a CUDA GPU; the pipeline runs on {device}"
         elif not _accelerate_installed():
             reason = "CPU offload needs the accelerate package: pip install -r requirements.txt"
         else:
-            getattr(pipe, method_name)(device=device)
-            if options.offload == "model":
-                return f"offload: model CPU offload to {device} (one model on the GPU at a time)"
-            return f"offload: sequential CPU offload to {device} (weights stream in layer by layer)"
-        pipe.to(device)
+            return place_with_offload(pipe, options.offload, device)
+        place_with_offload(pipe, "none", device)
         return f"offload: not applied ({reason})"
-    pipe.to(device)
-    return f"offload: none (pipeline moved to {device})"
+    return place_with_offload(pipe, "none", device)
+
+
+OFFLOAD_DESCRIPTIONS = {
+    "none": "offload: none (pipeline moved to {device})",
+    "model": "offload: model CPU offload to {device} (one model on the GPU at a time)",
+    "sequential": "offload: sequential CPU offload to {device} (weights stream in layer by layer)",
+    "group": "offload: block-level group offloading to {device} (next block prefetched on a CUDA stream)",
+}
+
+
+def place_with_offload(pipe: DiffusionPipeline, offload: str, device: torch.device) -> str:
+    """Put ``pipe`` on ``device`` the ``offload`` way, first undoing another way applied before.
+
+    The OOM retry lowers the preset of the pipeline already loaded (``medvram`` -> ``lowvram`` ->
+    ``lowvram-sequential``) and Settings can change it: diffusers refuses group offloading over
+    accelerate's model/sequential hooks and those over group offloading, and ``pipe.to`` does not
+    move group-offloaded models; so the previous way is taken off here. No device check: the callers
+    decide (tests run every switch with ``device`` the CPU).
+    """
+    import torch
+
+    if offload != "group":
+        _remove_group_offload(pipe)
+    if offload in ("none", "group"):
+        _remove_accelerate_offload(pipe)
+    if offload == "group":
+        if not any(_group_offloaded(module) for module in pipe.components.values()):
+            pipe.enable_group_offload(
+                onload_device=device,
+                offload_device=torch.device("cpu"),
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                use_stream=device.type == "cuda",
+            )
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return OFFLOAD_DESCRIPTIONS[offload].format(device=device)
+
+
+def _remove_group_offload(pipe: DiffusionPipeline) -> None:
+    """Take diffusers' group offloading (and its block-order tracer) off every model; their weights
+    stay where the last offload left them (the CPU)."""
+    from diffusers.hooks import HookRegistry
+
+    for module in pipe.components.values():
+        if _group_offloaded(module):
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            for name in ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading"):
+                registry.remove_hook(name, recurse=True)
+            module.to("cpu")
+
+
+def _remove_accelerate_offload(pipe: DiffusionPipeline) -> None:
+    """Take accelerate's model/sequential offload hooks off (weights come back from its CPU copy)."""
+    if any(hasattr(module, "_hf_hook") for module in pipe.components.values()):
+        pipe.remove_all_hooks()
 
 
 def _apply_group_offload(pipe: DiffusionPipeline, device: torch.device) -> str:
     """diffusers' block-level group offloading: each block's weights come to the GPU just before it
     runs, the next block's on a CUDA stream meanwhile (much faster than layer-by-layer sequential
     offload, close to it in VRAM)."""
-    import torch
-
     if device.type != "cuda":
-        pipe.to(device)
+        place_with_offload(pipe, "none", device)
         return f"offload: not applied (group offloading needs a CUDA GPU; the pipeline runs on {device})"
     if any(_group_offloaded(module) for module in pipe.components.values()):
         return f"offload: group offloading to {device} (already applied)"
-    pipe.enable_group_offload(
-        onload_device=device,
-        offload_device=torch.device("cpu"),
-        offload_type="block_level",
-        num_blocks_per_group=1,
-        use_stream=True,
-    )
-    return f"offload: block-level group offloading to {device} (next block prefetched on a CUDA stream)"
+    return place_with_offload(pipe, "group", device)
 
 
 def _group_offloaded(module: Any) -> bool:
-    registry = getattr(module, "_diffusers_hook", None)
-    return registry is not None and registry.get_hook("group_offloading") is not None
+    """Whether group offloading sits on ``module`` or any of its submodules (the VAE's is applied to
+    its encoder and decoder, not to the VAE itself)."""
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        return False
+    for submodule in module.modules():
+        registry = getattr(submodule, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook("group_offloading") is not None:
+            return True
+    return False
 
 
 def _apply_compile(pipe: DiffusionPipeline, options: MemoryOptions, is_cuda: bool) -> str:

@@ -22,7 +22,7 @@ when the job ends, so a job without them runs exactly the plain diffusers comput
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 STEP_CACHE_HOOK = "sd_studio_step_cache"
 STEP_CACHE_ROOT_HOOK = "sd_studio_step_cache_root"
 TOKEN_MERGE_HOOK = "sd_studio_token_merge_size"
+# diffusers' name for the hook by which group offloading with CUDA streams traces the block order
+# (``diffusers.hooks.group_offloading._LAZY_PREFETCH_GROUP_OFFLOADING``, private there).
+OFFLOAD_TRACE_HOOK = "lazy_prefetch_group_offloading"
 
 
 @dataclass(frozen=True)
@@ -125,15 +128,24 @@ def _make_hooks() -> tuple[type, type]:
     from diffusers.hooks import ModelHook
 
     class RootHook(ModelHook):
-        def __init__(self, root: _StepCacheRoot) -> None:
+        """Decides each call; ``after_trace`` (see ``step_caching``) runs once the offload trace ends."""
+
+        def __init__(self, root: _StepCacheRoot, after_trace: Callable[[], None] | None) -> None:
             super().__init__()
             self.root = root
+            self.after_trace = after_trace
 
         def pre_forward(
             self, module: Any, *args: Any, **kwargs: Any
         ) -> tuple[tuple[Any, ...], dict[str, Any]]:
             self.root.before_call(args, kwargs)
             return args, kwargs
+
+        def post_forward(self, module: Any, output: Any) -> Any:
+            if self.after_trace is not None and not offload_trace_pending(module):
+                self.after_trace()
+                self.after_trace = None
+            return output
 
     class DeepBlockHook(ModelHook):
         """Runs the block on full calls (keeping its output), returns the kept output otherwise."""
@@ -174,18 +186,58 @@ def step_caching(unet: Any, interval: int, stats: SpeedStats) -> Iterator[_StepC
     root_hook_cls, block_hook_cls = _make_hooks()
     root = _StepCacheRoot(interval, stats)
     registries = []
-    HookRegistry.check_if_exists_or_initialize(unet).register_hook(root_hook_cls(root), STEP_CACHE_ROOT_HOOK)
-    registries.append((HookRegistry.check_if_exists_or_initialize(unet), STEP_CACHE_ROOT_HOOK))
-    for index, block in enumerate(deep_blocks(unet)):
-        registry = HookRegistry.check_if_exists_or_initialize(block)
-        registry.register_hook(block_hook_cls(root, index), STEP_CACHE_HOOK)
-        registries.append((registry, STEP_CACHE_HOOK))
+    blocks = deep_blocks(unet)
+    keepers: list[Any] = []
+
+    def hook_blocks() -> None:
+        for handle in keepers:
+            handle.remove()
+        keepers.clear()
+        for index, block in enumerate(blocks):
+            registry = HookRegistry.check_if_exists_or_initialize(block)
+            registry.register_hook(block_hook_cls(root, index), STEP_CACHE_HOOK)
+            registries.append((registry, STEP_CACHE_HOOK))
+
+    after_trace = None
+    if offload_trace_pending(unet):
+        # The first call runs every block anyway: plain torch hooks keep its deep outputs, and the
+        # skipping hooks go on once diffusers' tracer hooks have left the blocks.
+        for index, block in enumerate(blocks):
+            keepers.append(block.register_forward_hook(_keep_output(root, index)))
+        after_trace = hook_blocks
+    else:
+        hook_blocks()
+    unet_registry = HookRegistry.check_if_exists_or_initialize(unet)
+    unet_registry.register_hook(root_hook_cls(root, after_trace), STEP_CACHE_ROOT_HOOK)
+    registries.insert(0, (unet_registry, STEP_CACHE_ROOT_HOOK))
     try:
         yield root
     finally:
+        for handle in keepers:
+            handle.remove()
         for registry, name in registries:
             registry.remove_hook(name, recurse=False)
         root.reset()
+
+
+def offload_trace_pending(unet: Any) -> bool:
+    """Whether diffusers' group offloading (with CUDA streams, the ``lowvram`` preset) has yet to
+    trace the order of the UNet's blocks on its first forward.
+
+    Its tracer hooks sit on the blocks until that forward ends and then remove themselves; diffusers'
+    ``HookRegistry.remove_hook`` does not rewire a later hook that has ``new_forward`` (our skipping
+    hook), so the blocks would keep running on cached steps and the tracer keep recording for the
+    rest of the process. Step caching therefore hooks the blocks only after the trace.
+    """
+    registry = getattr(unet, "_diffusers_hook", None)
+    return registry is not None and registry.get_hook(OFFLOAD_TRACE_HOOK) is not None
+
+
+def _keep_output(root: _StepCacheRoot, index: int) -> Callable[..., None]:
+    def keep(module: Any, args: Any, output: Any) -> None:
+        root.outputs[index] = output
+
+    return keep
 
 
 # token merging -----------------------------------------------------------------------------------
