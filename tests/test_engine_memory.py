@@ -71,3 +71,92 @@ def test_vram_sizes_pick_presets() -> None:
     assert preset_for_vram(4 * gib, "sd1") == "medvram"
     assert preset_for_vram(2 * gib, "sd1") == "lowvram"
     assert preset_for_vram(None, "sd1") == "cpu"
+
+
+# --- offloading really applied, with the CPU standing in for the GPU ---------------------------
+SIX_STEPS = {**SMALL, "steps": 6, "sampler_name": "Euler", "seed": 5, "cache_interval": 3}
+
+
+@pytest.fixture
+def offload_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Presets place pipelines as on a GPU: accelerate's model offload and diffusers' group
+    offloading both run with the CPU as their device (accelerate's sequential offload cannot, so
+    ``lowvram-sequential`` is not used here)."""
+    from pipelines.generation import memory
+
+    def placement(pipe: Any, options: Any, device: torch.device) -> str:
+        return memory.place_with_offload(pipe, options.offload, device)
+
+    monkeypatch.setattr(memory, "_apply_placement", placement)
+
+
+def merged_tokens(note: str) -> bool:
+    return note.startswith("token merging: ") and not note.startswith("token merging: 0 tokens")
+
+
+def own_engine(studio: Any, tmp_path: Path, preset: str) -> ImageEngine:
+    """An engine with its own model manager: offload hooks must not reach the shared pipelines."""
+    from pipelines.models.model_manager import ModelManager
+
+    models = ModelManager(studio.models.registry, max_loaded=1, default_checkpoint="tiny-sd1")
+    return ImageEngine(models, EngineConfig(outputs_root=tmp_path / "out", memory_preset=preset))
+
+
+def test_speed_options_keep_working_job_after_job_under_model_offload(
+    studio, tmp_path: Path, offload_on_cpu: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """medvram: accelerate swaps ``unet.forward`` around every pipeline call; step caching and
+    token merging must neither drop its hook (on a GPU: weights left on the CPU in the 2nd job)
+    nor be dropped by it."""
+    import numpy as np
+    from accelerate.hooks import CpuOffload
+    from PIL import Image
+
+    engine = own_engine(studio, tmp_path, "medvram")
+    onloads: list[str] = []
+    original = CpuOffload.pre_forward
+
+    def counted(self: Any, module: Any, *args: Any, **kwargs: Any) -> Any:
+        onloads.append(type(module).__name__)
+        return original(self, module, *args, **kwargs)
+
+    monkeypatch.setattr(CpuOffload, "pre_forward", counted)
+    images = []
+    try:
+        for _ in range(3):
+            onloads.clear()
+            result = engine.txt2img(Txt2ImgRequest(**SIX_STEPS, token_merging_ratio=0.5))
+            assert onloads.count("UNet2DConditionModel") == 6, "accelerate's hook sees every UNet call"
+            assert any("4 of 6 UNet calls reused" in note for note in result.notes), result.notes
+            assert any(merged_tokens(note) for note in result.notes), result.notes
+            images.append(np.array(Image.open(result.images[0].path)))
+        assert all(np.array_equal(image, images[0]) for image in images[1:])
+    finally:
+        engine.models.unload_all()
+
+
+def test_oom_retry_into_lowvram_rewraps_speed_options(
+    studio, tmp_path: Path, offload_on_cpu: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """medvram runs out of memory -> lowvram inside the same job: model offload is switched to group
+    offloading and attention slicing comes in; token merging must wrap the sliced processors (and
+    leave them installed after the job), step caching keep skipping."""
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
+    from pipelines.generation.memory import _group_offloaded
+
+    engine = own_engine(studio, tmp_path, "medvram")
+    try:
+        loaded = engine.models.load("tiny-sd1")
+        fail_first_calls(monkeypatch, loaded.pipe, failures=1)
+        result = engine.txt2img(Txt2ImgRequest(**SIX_STEPS, token_merging_ratio=0.5))
+        assert any("retrying once with 'lowvram'" in note for note in result.notes), result.notes
+        assert any("4 of 6 UNet calls reused" in note for note in result.notes), result.notes
+        assert any(merged_tokens(note) for note in result.notes), result.notes
+        pipe = loaded.pipe
+        assert {type(p) for p in pipe.unet.attn_processors.values()} == {SlicedAttnProcessor}
+        components = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+        assert any(_group_offloaded(m) for m in components)
+        assert not any(hasattr(m, "_hf_hook") for m in components), "model offload taken off"
+    finally:
+        engine.models.unload_all()

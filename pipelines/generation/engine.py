@@ -12,7 +12,7 @@ import math
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -244,14 +244,20 @@ class ImageEngine:
             options = type(options).model_validate({**options.model_dump(), **self.config.memory_overrides})
         return name, options
 
-    def _prepare_pipe(self, pipe: Any, family: str, preset: str | None, notes: list[str]) -> None:
+    def _prepare_pipe(
+        self, pipe: Any, family: str, preset: str | None, notes: list[str], speed: Any = None
+    ) -> None:
+        """Apply the memory preset to ``pipe`` once (again when the preset changes: the OOM retry);
+        the job's speed options (``speed``) are taken off meanwhile so they wrap what it installs."""
         from pipelines.generation.memory import apply_memory_options, resolve_device
 
         name, options = self.memory_options(preset, family)
         key = pipe
         if self._applied.get(key) != name:
-            for line in apply_memory_options(pipe, options, resolve_device(options)):
-                log.info("%s", line)
+            unet = getattr(pipe, "unet", None)
+            with speed.detached(unet) if speed is not None and unet is not None else nullcontext():
+                for line in apply_memory_options(pipe, options, resolve_device(options)):
+                    log.info("%s", line)
             if not any(n.startswith("memory preset") for n in notes):
                 notes.append(f"memory preset: {name}")
             self._applied[key] = name
@@ -517,7 +523,7 @@ class ImageEngine:
 
         runner = build_controlnet_pipeline(pipe, control.controlnet, mode=mode)
         runner.set_progress_bar_config(disable=True)
-        self._prepare_pipe(runner, job.loaded.family.base, preset, job.notes)
+        self._prepare_pipe(runner, job.loaded.family.base, preset, job.notes, job.speed)
         return runner
 
     def _post_upscale(self, job: _Job, images: list[Image.Image]) -> list[Image.Image]:
@@ -628,7 +634,7 @@ class ImageEngine:
 
         request: Txt2ImgRequest = job.request
         pipe = task_pipeline(job.loaded, "txt2img")
-        self._prepare_pipe(pipe, job.loaded.family.base, preset, job.notes)
+        self._prepare_pipe(pipe, job.loaded.family.base, preset, job.notes, job.speed)
         saved: list[SavedImage] = []
         with self._prompt_conditioning(job, pipe) as embeds:
             task = "inpaint" if job.loaded.family.variant == "inpaint" else "txt2img"
@@ -729,7 +735,7 @@ class ImageEngine:
                 for image, seed in zip(first, seeds, strict=True)
             ]
         second = task_pipeline(job.loaded, "img2img")
-        self._prepare_pipe(second, job.loaded.family.base, preset, job.notes)
+        self._prepare_pipe(second, job.loaded.family.base, preset, job.notes, job.speed)
         if strength <= 0:
             return init if not hasattr(init, "shape") else decode_latents(second, init, job.notes)
         task = "inpaint" if job.loaded.family.variant == "inpaint" else "img2img"
@@ -867,7 +873,7 @@ class ImageEngine:
             raise ValueError("init_images: all images of one batch must give the same processing size")
         task = "inpaint" if inpaint or job.loaded.family.variant == "inpaint" else "img2img"
         pipe = task_pipeline(job.loaded, task)
-        self._prepare_pipe(pipe, job.loaded.family.base, preset, job.notes)
+        self._prepare_pipe(pipe, job.loaded.family.base, preset, job.notes, job.speed)
         control = self._control(job, pipe, task, width, height, fallback=plans[0].init)
         pipe = self._with_control(job, pipe, control, task, preset)
         self._scheduler(job, pipe, seeds)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
 STEP_CACHE_HOOK = "sd_studio_step_cache"
-STEP_CACHE_ROOT_HOOK = "sd_studio_step_cache_root"
-TOKEN_MERGE_HOOK = "sd_studio_token_merge_size"
 # diffusers' name for the hook by which group offloading with CUDA streams traces the block order
 # (``diffusers.hooks.group_offloading._LAZY_PREFETCH_GROUP_OFFLOADING``, private there).
 OFFLOAD_TRACE_HOOK = "lazy_prefetch_group_offloading"
@@ -124,28 +122,8 @@ class _StepCacheRoot:
             self.stats.full_calls += 1
 
 
-def _make_hooks() -> tuple[type, type]:
+def _make_block_hook() -> type:
     from diffusers.hooks import ModelHook
-
-    class RootHook(ModelHook):
-        """Decides each call; ``after_trace`` (see ``step_caching``) runs once the offload trace ends."""
-
-        def __init__(self, root: _StepCacheRoot, after_trace: Callable[[], None] | None) -> None:
-            super().__init__()
-            self.root = root
-            self.after_trace = after_trace
-
-        def pre_forward(
-            self, module: Any, *args: Any, **kwargs: Any
-        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-            self.root.before_call(args, kwargs)
-            return args, kwargs
-
-        def post_forward(self, module: Any, output: Any) -> Any:
-            if self.after_trace is not None and not offload_trace_pending(module):
-                self.after_trace()
-                self.after_trace = None
-            return output
 
     class DeepBlockHook(ModelHook):
         """Runs the block on full calls (keeping its output), returns the kept output otherwise."""
@@ -162,7 +140,7 @@ def _make_hooks() -> tuple[type, type]:
             self.root.outputs[self.index] = output
             return output
 
-    return RootHook, DeepBlockHook
+    return DeepBlockHook
 
 
 def deep_blocks(unet: Any) -> list[Any]:
@@ -183,7 +161,7 @@ def step_caching(unet: Any, interval: int, stats: SpeedStats) -> Iterator[_StepC
         return
     from diffusers.hooks import HookRegistry
 
-    root_hook_cls, block_hook_cls = _make_hooks()
+    block_hook_cls = _make_block_hook()
     root = _StepCacheRoot(interval, stats)
     registries = []
     blocks = deep_blocks(unet)
@@ -198,22 +176,34 @@ def step_caching(unet: Any, interval: int, stats: SpeedStats) -> Iterator[_StepC
             registry.register_hook(block_hook_cls(root, index), STEP_CACHE_HOOK)
             registries.append((registry, STEP_CACHE_HOOK))
 
-    after_trace = None
+    pending: list[Callable[[], None]] = []
     if offload_trace_pending(unet):
         # The first call runs every block anyway: plain torch hooks keep its deep outputs, and the
         # skipping hooks go on once diffusers' tracer hooks have left the blocks.
         for index, block in enumerate(blocks):
             keepers.append(block.register_forward_hook(_keep_output(root, index)))
-        after_trace = hook_blocks
+        pending.append(hook_blocks)
     else:
         hook_blocks()
-    unet_registry = HookRegistry.check_if_exists_or_initialize(unet)
-    unet_registry.register_hook(root_hook_cls(root, after_trace), STEP_CACHE_ROOT_HOOK)
-    registries.insert(0, (unet_registry, STEP_CACHE_ROOT_HOOK))
+
+    def before(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        root.before_call(args, kwargs)
+
+    def after(module: Any, args: Any, output: Any) -> None:
+        if pending and not offload_trace_pending(module):
+            pending.pop()()
+
+    # The UNet-level hooks are torch module hooks, not diffusers' HookRegistry: accelerate's model
+    # offload (``medvram``) swaps ``unet.forward`` in and out around every pipeline call, which
+    # would drop a registry hook (or restore a stale forward when it is taken off).
+    handles = [
+        unet.register_forward_pre_hook(before, with_kwargs=True),
+        unet.register_forward_hook(after),
+    ]
     try:
         yield root
     finally:
-        for handle in keepers:
+        for handle in [*keepers, *handles]:
             handle.remove()
         for registry, name in registries:
             registry.remove_hook(name, recurse=False)
@@ -342,12 +332,33 @@ class TokenMergingProcessor:
         grid = self.state.grid_for(hidden_states.shape[1]) if hidden_states.ndim == 3 else None
         remove = int(hidden_states.shape[1] * self.state.ratio) if grid else 0
         if encoder_hidden_states is not None or attention_mask is not None or grid is None or remove <= 0:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+            return self._call_inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
         merge, unmerge, removed = _merge_plan(hidden_states, grid, remove, self.state.generator)
         self.state.stats.merged_attention_calls += 1
         self.state.stats.tokens_removed += removed
-        output = self.inner(attn, merge(hidden_states), None, None, temb, **kwargs)
+        output = self._call_inner(attn, merge(hidden_states), None, None, temb, kwargs)
         return unmerge(output)
+
+    def _call_inner(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        temb: torch.Tensor | None,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """By keyword, and ``temb`` only when given: the sliced processors (``lowvram``) take no
+        ``temb`` at all."""
+        if temb is not None:
+            kwargs = {**kwargs, "temb": temb}
+        return self.inner(
+            attn,
+            hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
 
 
 def merged_attention_layers(unet: Any) -> list[Any]:
@@ -382,20 +393,13 @@ def token_merging(unet: Any, ratio: float, stats: SpeedStats) -> Iterator[_Token
     if ratio <= 0:
         yield None
         return
-    from diffusers.hooks import HookRegistry, ModelHook
-
     state = _TokenMergeState(ratio, stats)
 
-    class LatentSizeHook(ModelHook):
-        def pre_forward(
-            self, module: Any, *args: Any, **kwargs: Any
-        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-            sample = kwargs.get("sample", args[0] if args else None)
-            state.latent_size = tuple(sample.shape[-2:]) if sample is not None else None
-            return args, kwargs
+    def latent_size(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        sample = kwargs.get("sample", args[0] if args else None)
+        state.latent_size = tuple(sample.shape[-2:]) if sample is not None else None
 
-    registry = HookRegistry.check_if_exists_or_initialize(unet)
-    registry.register_hook(LatentSizeHook(), TOKEN_MERGE_HOOK)
+    handle = unet.register_forward_pre_hook(latent_size, with_kwargs=True)  # see step_caching
     originals = [(layer, layer.processor) for layer in merged_attention_layers(unet)]
     for layer, processor in originals:
         layer.set_processor(TokenMergingProcessor(processor, state))
@@ -404,7 +408,7 @@ def token_merging(unet: Any, ratio: float, stats: SpeedStats) -> Iterator[_Token
     finally:
         for layer, processor in originals:
             layer.set_processor(processor)
-        registry.remove_hook(TOKEN_MERGE_HOOK, recurse=False)
+        handle.remove()
 
 
 # the job-level frame ---------------------------------------------------------------------------
@@ -417,6 +421,7 @@ class JobSpeedups:
         self.extra_infotext: dict[str, object] = {}
         self._roots: list[Any] = []
         self._merges: list[Any] = []
+        self._stacks: dict[int, ExitStack] = {}
 
     def new_run(self) -> None:
         for root in self._roots:
@@ -428,17 +433,37 @@ class JobSpeedups:
 
     @contextmanager
     def attached(self, unet: Any) -> Iterator[JobSpeedups]:
-        with (
-            step_caching(unet, self.options.cache_interval, self.stats) as root,
-            token_merging(unet, self.options.token_merging_ratio, self.stats) as merge,
-        ):
-            self._roots.append(root)
-            self._merges.append(merge)
-            try:
-                yield self
-            finally:
-                self._roots.remove(root)
-                self._merges.remove(merge)
+        self._attach(unet)
+        try:
+            yield self
+        finally:
+            stack = self._stacks.pop(id(unet), None)
+            if stack is not None:
+                stack.close()
+
+    @contextmanager
+    def detached(self, unet: Any) -> Iterator[None]:
+        """Off while memory options are (re)applied inside a job (the first batch, an OOM retry):
+        the attention processors and offload hooks they install must be the ones the options wrap."""
+        stack = self._stacks.pop(id(unet), None)
+        if stack is None:
+            yield
+            return
+        stack.close()
+        try:
+            yield
+        finally:
+            self._attach(unet)
+
+    def _attach(self, unet: Any) -> None:
+        stack = ExitStack()
+        root = stack.enter_context(step_caching(unet, self.options.cache_interval, self.stats))
+        merge = stack.enter_context(token_merging(unet, self.options.token_merging_ratio, self.stats))
+        self._roots.append(root)
+        self._merges.append(merge)
+        stack.callback(self._roots.remove, root)
+        stack.callback(self._merges.remove, merge)
+        self._stacks[id(unet)] = stack
 
     def notes(self) -> list[str]:
         """What the options did, for the job's notes."""
