@@ -160,3 +160,18 @@ def test_oom_retry_into_lowvram_rewraps_speed_options(
         assert not any(hasattr(m, "_hf_hook") for m in components), "model offload taken off"
     finally:
         engine.models.unload_all()
+
+
+def test_speed_options_are_not_applied_to_a_compiled_unet(studio, tmp_path: Path) -> None:
+    """CUDA graphs overwrite their outputs at every replay, so deep features kept by step caching
+    would be lost: with ``--compile`` the job says so and records neither option."""
+    engine = own_engine(studio, tmp_path, "cpu")
+    try:
+        unet = engine.models.load("tiny-sd1").pipe.unet
+        unet._compiled_call_impl = unet._call_impl  # what Module.compile leaves (runs uncompiled here)
+        result = engine.txt2img(Txt2ImgRequest(**SIX_STEPS, token_merging_ratio=0.5))
+        assert "step caching and token merging: not applied (the UNet is compiled" in " ".join(result.notes)
+        assert "Cache interval" not in result.images[0].infotext
+        assert "Token merging ratio" not in result.images[0].infotext
+    finally:
+        engine.models.unload_all()

@@ -727,3 +727,31 @@ def test_device_is_normalised() -> None:
     assert MemoryOptions(device=" CUDA:1 ").device == "cuda:1"
     with pytest.raises(ValidationError, match="use 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'"):
         MemoryOptions(device="cuda:x")
+
+
+def test_reapplying_options_keeps_fp8_unet_weights_and_float32_vae(
+    pipe: StableDiffusionPipeline, fake_cuda: FakeCuda
+) -> None:
+    """A second apply (the OOM retry, a Settings change) used to cast the whole pipeline back to
+    float16 because the float32 VAE made the dtypes differ: the fp8 UNet doubled in memory."""
+    options = MemoryOptions(dtype="fp16", fp8_unet=True, no_half_vae=True)
+    apply_memory_options(pipe, options, CUDA)
+    fp8_bytes = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
+    apply_memory_options(pipe, options.model_copy(update={"vae_slicing": True}), CUDA)
+
+    assert pipe.unet.conv_in.weight.dtype == torch.float8_e4m3fn
+    assert sum(p.numel() * p.element_size() for p in pipe.unet.parameters()) == fp8_bytes
+    assert pipe.vae.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float16
+
+
+def test_compile_is_refused_with_fp8_weights_and_undone_by_offload(
+    pipe: StableDiffusionPipeline, fake_cuda: FakeCuda, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(memory, "_triton_installed", lambda: True)
+    lines = apply_memory_options(pipe, MemoryOptions(compile=True, fp8_unet=True), CUDA)
+    assert "fp8 weights are cast layer by layer" in line_for(lines, "compile")
+    assert not memory.unet_compiled(pipe.unet)
+
+    pipe.unet._compiled_call_impl = pipe.unet._call_impl  # as Module.compile leaves it
+    memory.place_with_offload(pipe, "group", torch.device("cpu"))
+    assert not memory.unet_compiled(pipe.unet), "CUDA graphs cannot replay over offloaded weights"

@@ -322,14 +322,22 @@ def test_lowvram_is_group_offload_and_the_old_path_stays_selectable(monkeypatch:
     assert memory.MEMORY_PRESETS["lowvram-sequential"].offload == "sequential"
     assert memory.lower_memory_preset("lowvram") == "lowvram-sequential"
     pipe = tiny_pipeline("sd1", seed=0)
-    group = mock.MagicMock(name="enable_group_offload")
-    pipe.enable_group_offload = group
+    applied: dict[str, dict[str, Any]] = {}
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            record = mock.MagicMock(name=f"{name}.enable_group_offload")
+            record.side_effect = lambda _name=name, **kwargs: applied.__setitem__(_name, kwargs)
+            monkeypatch.setattr(module, "enable_group_offload", record, raising=False)
+    monkeypatch.setattr(memory, "_group_offloaded", lambda module: False)
     pipe.to = mock.MagicMock(name="to")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     line = memory._apply_placement(pipe, memory.MEMORY_PRESETS["lowvram"], torch.device("cuda"))
     assert line.startswith("offload: block-level group offloading to cuda")
-    kwargs = group.call_args.kwargs
-    assert kwargs["offload_type"] == "block_level" and kwargs["use_stream"] is True
+    assert set(applied) == {"unet", "vae", "text_encoder"}
+    assert all(kwargs["offload_type"] == "block_level" for kwargs in applied.values())
+    assert applied["unet"]["use_stream"] and applied["text_encoder"]["use_stream"]
+    # a stream onloads from copies taken now: the VAE's float32 upcast decode would be undone
+    assert applied["vae"]["use_stream"] is False
     pipe.to.assert_not_called()
     cpu_line = memory._apply_placement(pipe, memory.MEMORY_PRESETS["lowvram"], torch.device("cpu"))
     assert "not applied (group offloading needs a CUDA GPU" in cpu_line

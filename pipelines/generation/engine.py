@@ -359,7 +359,12 @@ class ImageEngine:
 
     def _speedups(self, request: GenerationRequest, loaded: LoadedCheckpoint) -> Any:
         """This job's speed options: its own, else the studio's defaults (``EngineConfig``)."""
-        from pipelines.generation.memory import unet_weights_in_fp8
+        from pipelines.generation.memory import (
+            compile_refusal,
+            resolve_device,
+            unet_compiled,
+            unet_weights_in_fp8,
+        )
         from pipelines.generation.speedups import JobSpeedups, SpeedOptions
 
         chosen = {**self.config.speed_defaults, **request.speed_settings()}
@@ -368,8 +373,20 @@ class ImageEngine:
             token_merging_ratio=float(chosen.get("token_merging_ratio") or 0.0),
             fast_decode=bool(chosen.get("fast_decode")),
         )
+        memory = self.memory_options(None, loaded.family.base)[1]
+        unet = loaded.pipe.unet
+        compiled = unet_compiled(unet) or (
+            compile_refusal(memory, resolve_device(memory).type == "cuda", unet) is None
+        )
+        refused = None
+        if compiled and (options.cache_interval > 1 or options.token_merging_ratio > 0):
+            # CUDA graphs overwrite their outputs at each replay: kept deep features would be lost
+            refused = "step caching and token merging: not applied (the UNet is compiled with CUDA graphs)"
+            options = SpeedOptions(fast_decode=options.fast_decode)
         speed = JobSpeedups(options)
-        fp8_setting = self.memory_options(None, loaded.family.base)[1].fp8_unet
+        if refused:
+            speed.extra_notes.append(refused)
+        fp8_setting = memory.fp8_unet
         if fp8_setting or unet_weights_in_fp8(loaded.pipe.unet):
             speed.extra_infotext["UNet weights"] = "fp8 e4m3fn"
         return speed

@@ -358,9 +358,7 @@ def apply_memory_options(pipe: DiffusionPipeline, options: MemoryOptions, device
     lines = [f"device: {device}"]
 
     dtype, dtype_note = _choose_dtype(options, device)
-    if _pipeline_dtypes(pipe) != {dtype}:
-        # Only when needed: diffusers logs a warning on every ModelMixin.to(dtype) call.
-        pipe.to(dtype=dtype)
+    _cast_components(pipe, dtype, options)
     lines.append(f"dtype: {dtype_note}")
     lines.append(_apply_no_half_vae(pipe, options, dtype))
     lines.append(_describe_upcast_on_nan(pipe, options, dtype))
@@ -375,14 +373,23 @@ def apply_memory_options(pipe: DiffusionPipeline, options: MemoryOptions, device
     return lines
 
 
-def _pipeline_dtypes(pipe: DiffusionPipeline) -> set[torch.dtype]:
+def _cast_components(pipe: DiffusionPipeline, dtype: torch.dtype, options: MemoryOptions) -> None:
+    """Each model to ``dtype``, only where needed (diffusers logs a warning on every cast), except a
+    UNet already stored in float8 (``--fp8-unet``; a cast would undo it and double its memory), a
+    float32 VAE that ``no_half_vae`` keeps, and group-offloaded models (their offload copies would
+    bring the old dtype back; ``pipe.to`` skips them too)."""
     import torch
 
-    return {
-        module.dtype
-        for module in pipe.components.values()
-        if isinstance(module, torch.nn.Module) and hasattr(module, "dtype")
-    }
+    for name, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module) or getattr(module, "dtype", dtype) == dtype:
+            continue
+        if name == "unet" and unet_weights_in_fp8(module):
+            continue
+        if name == "vae" and options.no_half_vae and module.dtype == torch.float32:
+            continue
+        if _group_offloaded(module):
+            continue
+        module.to(dtype=dtype)
 
 
 def _apply_no_half_vae(pipe: DiffusionPipeline, options: MemoryOptions, dtype: torch.dtype) -> str:
@@ -619,21 +626,17 @@ def place_with_offload(pipe: DiffusionPipeline, offload: str, device: torch.devi
     move group-offloaded models; so the previous way is taken off here. No device check: the callers
     decide (tests run every switch with ``device`` the CPU).
     """
-    import torch
 
+    unet = getattr(pipe, "unet", None)
+    if offload != "none" and unet is not None and unet_compiled(unet):
+        unet._compiled_call_impl = None  # CUDA graphs would replay over weights that now move
     if offload != "group":
         _remove_group_offload(pipe)
     if offload in ("none", "group"):
         _remove_accelerate_offload(pipe)
     if offload == "group":
         if not any(_group_offloaded(module) for module in pipe.components.values()):
-            pipe.enable_group_offload(
-                onload_device=device,
-                offload_device=torch.device("cpu"),
-                offload_type="block_level",
-                num_blocks_per_group=1,
-                use_stream=device.type == "cuda",
-            )
+            _enable_group_offload(pipe, device)
     elif offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif offload == "sequential":
@@ -641,6 +644,33 @@ def place_with_offload(pipe: DiffusionPipeline, offload: str, device: torch.devi
     else:
         pipe.to(device)
     return OFFLOAD_DESCRIPTIONS[offload].format(device=device)
+
+
+def _enable_group_offload(pipe: DiffusionPipeline, device: torch.device) -> None:
+    """Block-level group offloading of every model, prefetching on a CUDA stream, except the VAE.
+
+    With a stream, diffusers onloads from CPU copies taken when offloading is applied, so a later
+    ``vae.to(torch.float32)`` (SDXL's upcast decode, the NaN re-decode) would be undone at the next
+    onload and the decode fail on mixed dtypes; without one, onloading moves the current weights.
+    The VAE runs once per image, so its prefetch is worth little anyway.
+    """
+    import torch
+    from diffusers.hooks import apply_group_offloading
+
+    for name, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        options = {
+            "onload_device": device,
+            "offload_device": torch.device("cpu"),
+            "offload_type": "block_level",
+            "num_blocks_per_group": 1,
+            "use_stream": device.type == "cuda" and name != "vae",
+        }
+        if hasattr(module, "enable_group_offload"):
+            module.enable_group_offload(**options)
+        else:
+            apply_group_offloading(module=module, **options)
 
 
 def _remove_group_offload(pipe: DiffusionPipeline) -> None:
@@ -688,23 +718,38 @@ def _group_offloaded(module: Any) -> bool:
     return False
 
 
-def _apply_compile(pipe: DiffusionPipeline, options: MemoryOptions, is_cuda: bool) -> str:
-    """Compile the UNet in place (``Module.compile``) so ``pipe.unet`` keeps its type and config."""
+def compile_refusal(options: MemoryOptions, is_cuda: bool, unet: Any) -> str | None:
+    """Why ``options.compile`` cannot compile ``unet`` here, or None when it will be (or is) compiled."""
     if not options.compile:
-        return "compile: off"
-    unet = getattr(pipe, "unet", None)
+        return "off"
     if unet is None:
-        return "compile: not applied (this pipeline has no UNet)"
+        return "not applied (this pipeline has no UNet)"
     if not is_cuda:
-        return "compile: not applied (mode='reduce-overhead' uses CUDA graphs and needs a CUDA GPU)"
+        return "not applied (mode='reduce-overhead' uses CUDA graphs and needs a CUDA GPU)"
     if options.offload != "none":
         return (
-            f"compile: not applied (CUDA graphs need the UNet's weights to stay on the GPU; "
+            f"not applied (CUDA graphs need the UNet's weights to stay on the GPU; "
             f"offload={options.offload!r} moves them)"
         )
+    if options.fp8_unet or unet_weights_in_fp8(unet):
+        return "not applied (fp8 weights are cast layer by layer, which breaks the graph at every layer)"
     if not _triton_installed():
-        return "compile: not applied (torch.compile needs Triton, which is not installed)"
-    if getattr(unet, "_compiled_call_impl", None) is not None:
+        return "not applied (torch.compile needs Triton, which is not installed)"
+    return None
+
+
+def unet_compiled(unet: Any) -> bool:
+    """Whether ``unet`` runs compiled (``Module.compile``)."""
+    return getattr(unet, "_compiled_call_impl", None) is not None
+
+
+def _apply_compile(pipe: DiffusionPipeline, options: MemoryOptions, is_cuda: bool) -> str:
+    """Compile the UNet in place (``Module.compile``) so ``pipe.unet`` keeps its type and config."""
+    unet = getattr(pipe, "unet", None)
+    refusal = compile_refusal(options, is_cuda, unet)
+    if refusal is not None:
+        return f"compile: {refusal}"
+    if unet_compiled(unet):
         return "compile: UNet already compiled"
     unet.compile(mode="reduce-overhead")
     return "compile: UNet compiled with mode='reduce-overhead' (the first generation is slow)"

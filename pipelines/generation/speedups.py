@@ -419,6 +419,7 @@ class JobSpeedups:
         self.options = options
         self.stats = SpeedStats()
         self.extra_infotext: dict[str, object] = {}
+        self.extra_notes: list[str] = []
         self._roots: list[Any] = []
         self._merges: list[Any] = []
         self._stacks: dict[int, ExitStack] = {}
@@ -467,7 +468,7 @@ class JobSpeedups:
 
     def notes(self) -> list[str]:
         """What the options did, for the job's notes."""
-        lines = []
+        lines = list(self.extra_notes)
         stats = self.stats
         if self.options.cache_interval > 1:
             lines.append(
