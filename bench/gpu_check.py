@@ -146,15 +146,28 @@ def check_presets(base: Any, size: int, steps: int, device: Any) -> None:
         ("high", {"fp8_unet": True}),
         ("medvram", {"fp8_unet": True}),
     ):
+        release_gpu_memory()
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         pipe = fresh(base)
         options = MEMORY_PRESETS[name].model_copy(update=update)
         apply_memory_options(pipe, options, device)
-        torch.cuda.reset_peak_memory_stats()
         seconds = seconds_per_image(pipe, size, steps, device, runs=1)
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        peak = (torch.cuda.max_memory_allocated() - baseline) / 2**30
         label = name + (" + fp8 UNet" if update else "")
         say(f"[4] {label:>22}: peak VRAM {peak:6.2f} GiB, {seconds:6.2f} s/image")
         del pipe
+
+
+def release_gpu_memory() -> None:
+    """Offload and layerwise-casting hooks keep models alive in reference cycles: collect them so
+    one configuration's weights do not count in the next one's peak."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
@@ -172,36 +185,40 @@ def check_oom_fallback(base: Any, size: int, steps: int, device: Any, cap_gib: f
     if device.type != "cuda":
         say("[5] OOM fallback: skipped (needs a CUDA GPU to cap)")
         return
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory / 2**30
+    release_gpu_memory()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib / total), index)
     walked = []
     preset: str | None = "high"
+    # One pipeline through the whole chain, as the engine's retry does (it lowers the preset of
+    # the pipeline already loaded, so each switch must take the previous offloading off).
+    pipe = fresh(base)
+    seconds: float | None = None
     try:
         while preset is not None:
             walked.append(preset)
-            pipe = fresh(base)
+            out_of_memory = False
             try:
                 apply_memory_options(pipe, MEMORY_PRESETS[preset], device)
                 seconds = seconds_per_image(pipe, size, steps, device, runs=1)
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
-                del pipe
-                free_accelerator_memory()
-                preset = lower_memory_preset(preset)
-                continue
-            say(
-                f"[5] OOM fallback under a {cap_gib:g} GiB cap: {' -> '.join(walked)}; "
-                f"finished in {seconds:.2f} s"
-            )
-            return
-        say(
-            f"[5] OOM fallback under a {cap_gib:g} GiB cap: {' -> '.join(walked)}; "
-            "every preset ran out of memory"
-        )
+                out_of_memory = True
+            if not out_of_memory:
+                break
+            free_accelerator_memory()  # outside the except block: its traceback holds tensors
+            preset = lower_memory_preset(preset)
+        chain = " -> ".join(walked)
+        if seconds is not None and preset is not None:
+            say(f"[5] OOM fallback under a {cap_gib:g} GiB cap: {chain}; finished in {seconds:.2f} s")
+        else:
+            say(f"[5] OOM fallback under a {cap_gib:g} GiB cap: {chain}; every preset ran out of memory")
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
-        free_accelerator_memory()
+        del pipe
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
+        release_gpu_memory()
 
 
 def check_talking_head(device: Any, sizes: list[int], batch: int) -> None:
@@ -243,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
             f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
         )
     base = build_pipe(args.smoke)
+    if device.type == "cuda":
+        base.to(dtype=torch.float16)  # every configuration below runs fp16: copies are half the size
     parts: list[tuple[str, Callable[[], None]]] = [
         ("plain", lambda: check_plain_vs_ours(base, size, steps, device)),
         ("options", lambda: run_speed_options(args.smoke, device)),
@@ -258,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         if name in args.skip:
             continue
         part()
+        release_gpu_memory()
     say(f"gpu_check finished in {time.perf_counter() - started:.0f} s")
 
 

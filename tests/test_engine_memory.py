@@ -42,6 +42,11 @@ def test_out_of_memory_retries_once_with_lower_preset(studio, tmp_path: Path, mo
     assert len(calls) == 2
     assert result.images
     assert any("retrying once with 'medvram'" in note for note in result.notes)
+    # the next job starts where the retry finished instead of running out of memory again
+    again = engine.txt2img(Txt2ImgRequest(**SMALL, override_settings={"sd_model_checkpoint": "tiny-sd1"}))
+    assert len(calls) == 3
+    assert any(note.startswith("memory preset: medvram (an earlier job ran out") for note in again.notes)
+    assert not any("retrying" in note for note in again.notes)
 
 
 def test_out_of_memory_twice_is_a_clear_error(studio, tmp_path: Path, monkeypatch) -> None:
@@ -175,3 +180,29 @@ def test_speed_options_are_not_applied_to_a_compiled_unet(studio, tmp_path: Path
         assert "Token merging ratio" not in result.images[0].infotext
     finally:
         engine.models.unload_all()
+
+
+def test_oom_retry_redoes_only_the_unfinished_batches(
+    studio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch 1 of 3 runs out of memory: batch 0 (already saved) is neither run nor saved again."""
+    engine = engine_with(studio, tmp_path, "high")
+    loaded = studio.models.load("tiny-sd1")
+    calls: list[int] = []
+    original = type(loaded.pipe).__call__
+
+    def second_call_fails(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(loaded.pipe), "__call__", second_call_fails)
+    request = Txt2ImgRequest(
+        **SMALL, seed=40, n_iter=3, override_settings={"sd_model_checkpoint": "tiny-sd1"}
+    )
+    result = engine.txt2img(request)
+    assert len(calls) == 4, "batch 0, batch 1 (out of memory), batch 1 again, batch 2"
+    assert [image.seed for image in result.images] == [40, 41, 42]
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 3
+    assert any("retrying once with 'medvram'" in note for note in result.notes)

@@ -176,6 +176,9 @@ class _Job:
     extra_infotext: dict[str, object] = field(default_factory=dict)
     speed: Any = None
     """This job's ``JobSpeedups`` (step caching, token merging, fast decode)."""
+    saved: list[SavedImage] = field(default_factory=list)
+    """Images saved so far; an out-of-memory retry keeps them and redoes only unfinished batches."""
+    finished_batches: set[int] = field(default_factory=set)
 
 
 class ImageEngine:
@@ -188,6 +191,9 @@ class ImageEngine:
         # pipeline -> preset applied to it; weak so an unloaded pipeline's entry cannot be mistaken
         # for a new pipeline that happens to reuse its id()
         self._applied: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        # pipeline -> the lower preset an out-of-memory retry finished with: later jobs start there
+        # instead of running out of memory (and re-placing the model) every time
+        self._fell_back_to: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._upscaler_cache: Any = None
         self._sd_upscaler_cache: Any = None
         self._vae_cache: Any = None
@@ -314,7 +320,12 @@ class ImageEngine:
                 job.extra_infotext["Tiling"] = True
             job.speed = self._speedups(request, loaded)
             job.extra_infotext.update(job.speed.infotext())
-            preset: str | None = None
+            preset: str | None = self._fell_back_to.get(loaded.pipe)
+            if preset is not None:
+                notes.append(
+                    f"memory preset: {preset} (an earlier job ran out of memory with the configured "
+                    "preset; reload the model to try it again)"
+                )
             while True:
                 try:
                     with (
@@ -323,6 +334,8 @@ class ImageEngine:
                     ):
                         images = mode(job, preset)
                     notes.extend(job.speed.notes())
+                    if preset is not None:
+                        self._fell_back_to[loaded.pipe] = preset
                     break
                 except Exception as exc:
                     if not is_out_of_memory(exc):
@@ -611,6 +624,8 @@ class ImageEngine:
         for batch_index in range(request.n_iter):
             if job.control.interrupted:
                 return
+            if batch_index in job.finished_batches:
+                continue
             job.control.clear_skip()
             size = request.batch_size
             seeds = [request.seed + batch_index * size + i for i in range(size)]
@@ -652,7 +667,7 @@ class ImageEngine:
         request: Txt2ImgRequest = job.request
         pipe = task_pipeline(job.loaded, "txt2img")
         self._prepare_pipe(pipe, job.loaded.family.base, preset, job.notes, job.speed)
-        saved: list[SavedImage] = []
+        saved = job.saved
         with self._prompt_conditioning(job, pipe) as embeds:
             task = "inpaint" if job.loaded.family.variant == "inpaint" else "txt2img"
             control = self._control(job, pipe, task, request.width, request.height)
@@ -704,6 +719,7 @@ class ImageEngine:
                 images = self._restore_faces(job, images)
                 for i, image in enumerate(images):
                     saved.append(self._save(job, image, seeds[i], subseeds[i], folder))
+                job.finished_batches.add(batch_index)
         return saved
 
     def _hires_pass(
@@ -844,7 +860,7 @@ class ImageEngine:
             return self._txt2img(job, preset, folder="img2img")
         if request.subseed_strength > 0 and job.loaded.family.variant == "edit":
             job.notes.append("variation seeds do not apply to instruct-pix2pix models; only the seed is used")
-        saved: list[SavedImage] = []
+        saved = job.saved
         with self._prompt_conditioning(job, job.loaded.pipe) as embeds:
             for batch_index, seeds, subseeds in self._batches(job):
                 plans = [
@@ -867,6 +883,7 @@ class ImageEngine:
                     # so that sending the infotext back reuses it; "only masked" keeps the crop's size.
                     size = plans[i].size
                     saved.append(self._save(job, image, seeds[i], subseeds[i], "img2img", size=size))
+                job.finished_batches.add(batch_index)
         return saved
 
     def _img2img_batch(
