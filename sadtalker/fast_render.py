@@ -353,7 +353,15 @@ class _FusedSpadeBlock(nn.Module):
             norms.append(block.norm_s)
         shared = [norm.mlp_shared[0] for norm in norms]
         self.hidden_channels = shared[0].out_channels
-        self.shared = nn.Conv2d(shared[0].in_channels, self.hidden_channels * len(norms), 3, padding=1)
+        reference = shared[0].weight  # built where the generator lives (a CUDA GPU, its dtype)
+        self.shared = nn.Conv2d(
+            shared[0].in_channels,
+            self.hidden_channels * len(norms),
+            3,
+            padding=1,
+            device=reference.device,
+            dtype=reference.dtype,
+        )
         with torch.no_grad():
             self.shared.weight.copy_(torch.cat([conv.weight for conv in shared]))
             self.shared.bias.copy_(torch.cat([conv.bias for conv in shared]))
@@ -379,7 +387,14 @@ class _FusedSpadeBlock(nn.Module):
         if outer.bias is not None or outer.kernel_size != (1, 1):
             raise ValueError("the SPADE shortcut is expected to be a 1x1 convolution without bias")
         matrix = outer.weight.detach().double()[:, :, 0, 0]
-        composed = nn.Conv2d(inner.in_channels, outer.out_channels, 3, padding=1).to(inner.weight.device)
+        composed = nn.Conv2d(
+            inner.in_channels,
+            outer.out_channels,
+            3,
+            padding=1,
+            device=inner.weight.device,
+            dtype=inner.weight.dtype,
+        )
         with torch.no_grad():
             weight = torch.einsum("oc,chyx->ohyx", matrix, inner.weight.detach().double())
             composed.weight.copy_(weight.to(inner.weight.dtype))

@@ -176,3 +176,17 @@ def test_bf16_fast_mode_is_close_but_not_equal(generator: WarpingSpadeGenerator)
 def test_training_mode_generator_is_refused() -> None:
     with pytest.raises(ValueError, match="eval mode"):
         optimize_generator(WarpingSpadeGenerator().train())
+
+
+def test_fused_weights_stay_on_the_generators_device_and_dtype(generator: WarpingSpadeGenerator) -> None:
+    """Every fused tensor is built where the generator lives: a layer created with defaults would sit
+    on the CPU in float32 while the generator is on a CUDA GPU (the first SPADE block then fails on
+    mixed devices). float64 stands in for "not the default" here."""
+    fast = optimize_generator(copy.deepcopy(generator).double())
+    tensors = dict(fast.named_parameters()) | dict(fast.named_buffers())
+    strays = {
+        name: (t.device, t.dtype)
+        for name, t in tensors.items()
+        if t.is_floating_point() and t.dtype != torch.float64
+    }
+    assert not strays
