@@ -26,6 +26,7 @@ The hook is a plain callable so the engine needs nothing from whoever runs it.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import threading
 import time
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     from sadtalker.checkpoints import SadTalkerModels
     from sadtalker.networks.mapping import MappingNet
     from sadtalker.preprocess import FaceLandmarker
+
+log = logging.getLogger(__name__)
 
 OUTPUT_FOLDER = "talking-head"
 STAGES = ("preprocess", "audio2coeff", "render", "enhance", "encode")
@@ -153,9 +156,15 @@ class TalkingHeadEngine:
 
         if not isinstance(generator, WarpingSpadeGenerator):
             return generator
+        if precision == "bf16" and not _native_bf16(generator):
+            # Pre-Ampere GPUs emulate bfloat16 convolutions: the "fast" mode would be the slow one.
+            log.warning("render_precision bf16: this GPU has no native bfloat16; rendering in fp32")
+            precision = "fp32"
         key = (id(generator), precision)
         cached = self._fast_generators.get(key)
         if cached is None or cached[0] is not generator:
+            # one fused copy at a time: each is as large as the generator (GPU memory)
+            self._fast_generators.clear()
             cached = (generator, optimize_generator(generator, precision))  # type: ignore[arg-type]
             self._fast_generators[key] = cached
         return cached[1]
@@ -590,3 +599,14 @@ def _safe_stem(stem: str) -> str:
     """The image's name reduced to characters safe in file names on every OS (at most 40)."""
     kept = "".join(character if character.isalnum() or character in "-_" else "_" for character in stem)
     return kept[:40] or "image"
+
+
+def _native_bf16(module: Any) -> bool:
+    """Whether ``module``'s device computes bfloat16 natively (CUDA: Ampere / RTX 30xx and newer;
+    the CPU path is taken as is, it was measured faster here)."""
+    import torch
+
+    device = next(module.parameters()).device
+    if device.type != "cuda":
+        return True
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))

@@ -16,6 +16,7 @@ computed once per clip instead of once per frame (same values: it depends on the
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -23,12 +24,15 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from sadtalker.coefficients import DrivingCoefficients, coefficient_windows
+from sadtalker.errors import SadTalkerError
 
 if TYPE_CHECKING:
     import torch
 
     from sadtalker.networks.keypoint_detector import CanonicalKeypointDetector
     from sadtalker.networks.mapping import MappingNet
+
+log = logging.getLogger(__name__)
 
 # Receives each rendered batch as ``(n, size, size, 3)`` RGB uint8 frames plus the first frame's index.
 FrameSink = Callable[[np.ndarray, int], None]
@@ -112,10 +116,12 @@ class FrameRenderer:
         return self._coefficients.frame_count
 
     def render(self, sink: FrameSink, start: int = 0, end: int | None = None, batch_size: int = 2) -> int:
-        """Render frames ``start..end-1`` in batches, handing each batch to ``sink``; returns the count."""
-        import torch
+        """Render frames ``start..end-1`` in batches, handing each batch to ``sink``; returns the count.
 
-        from sadtalker.networks.keypoints import pose_keypoints
+        A batch that runs the GPU out of memory is retried in halves (frames still reach ``sink`` in
+        order); one frame that does not fit is a clear error.
+        """
+        from pipelines.generation.memory import free_accelerator_memory, is_out_of_memory
 
         end = self.frame_count if end is None else end
         if not 0 <= start <= end <= self.frame_count:
@@ -123,21 +129,47 @@ class FrameRenderer:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         rendered = 0
-        for first in range(start, end, batch_size):
+        first = start
+        while first < end:
             last = min(first + batch_size, end)
-            count = last - first
-            windows = coefficient_windows(self._coefficients.frames, first, last)
-            with torch.no_grad():
-                motion = self._mapping(torch.from_numpy(windows).to(self._device))
-                overrides = {
-                    f"{name}_degrees": torch.from_numpy(values[first:last]).to(self._device)
-                    for name in ("yaw", "pitch", "roll")
-                    if (values := getattr(self._angles, name)) is not None
-                }
-                driving_kp = pose_keypoints(self._canonical.expand(count, -1, -1), motion, **overrides)
-                volume = self._source_volume.expand(count, *self._source_volume.shape[1:])
-                source_kp = self._source_kp.expand(count, -1, -1)
-                prediction = self._generator.render(volume, driving_kp, source_kp)["prediction"]
+            try:
+                prediction = self._render_batch(first, last)
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                out_of_memory = True
+            else:
+                out_of_memory = False
+            if out_of_memory:  # outside the except block: its traceback holds the batch's tensors
+                free_accelerator_memory()
+                if batch_size == 1:
+                    raise SadTalkerError(
+                        "The GPU ran out of memory rendering a single frame. Use size 256 or "
+                        "render_precision bf16, or free the GPU (unload the image model in Settings)."
+                    )
+                batch_size = max(1, batch_size // 2)
+                log.warning("out of GPU memory rendering frames; retrying with batches of %d", batch_size)
+                continue
             sink(frames_to_uint8(prediction), first)
-            rendered += count
+            rendered += last - first
+            first = last
         return rendered
+
+    def _render_batch(self, first: int, last: int) -> torch.Tensor:
+        import torch
+
+        from sadtalker.networks.keypoints import pose_keypoints
+
+        count = last - first
+        windows = coefficient_windows(self._coefficients.frames, first, last)
+        with torch.no_grad():
+            motion = self._mapping(torch.from_numpy(windows).to(self._device))
+            overrides = {
+                f"{name}_degrees": torch.from_numpy(values[first:last]).to(self._device)
+                for name in ("yaw", "pitch", "roll")
+                if (values := getattr(self._angles, name)) is not None
+            }
+            driving_kp = pose_keypoints(self._canonical.expand(count, -1, -1), motion, **overrides)
+            volume = self._source_volume.expand(count, *self._source_volume.shape[1:])
+            source_kp = self._source_kp.expand(count, -1, -1)
+            return self._generator.render(volume, driving_kp, source_kp)["prediction"]

@@ -206,3 +206,32 @@ def test_oom_retry_redoes_only_the_unfinished_batches(
     assert [image.seed for image in result.images] == [40, 41, 42]
     assert len(list((tmp_path / "out").rglob("*.png"))) == 3
     assert any("retrying once with 'medvram'" in note for note in result.notes)
+
+
+def test_worker_gpu_is_the_current_device_and_its_memory_picks_the_preset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker for cuda:1 makes it the thread's current device (plain "cuda" placements and memory
+    stats then use it, not GPU 0); the auto preset reads that card's memory, times the fraction a
+    shared GPU (--gpu-share) allows."""
+    from types import SimpleNamespace
+
+    from app.workers.runtime import select_cuda_device
+    from pipelines.generation.engine import _total_vram
+
+    gib = 2**30
+    chosen: list[torch.device] = []
+    cards = {0: 24 * gib, 1: 8 * gib}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=cards[i]))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda i: 0.5 if i == 1 else 1.0)
+
+    for device in ("cpu", "auto", "cuda"):
+        select_cuda_device(device)
+    assert chosen == []
+    select_cuda_device("cuda:1")
+    assert chosen == [torch.device("cuda:1")]
+    assert _total_vram("cuda:1") == 4 * gib
+    assert _total_vram(None) == 24 * gib

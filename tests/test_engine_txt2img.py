@@ -228,6 +228,15 @@ def test_skip_moves_to_next_batch(studio) -> None:
     assert [img.seed for img in result.images] == [2]
 
 
+def test_skip_before_the_first_batch_starts_skips_that_batch(studio) -> None:
+    """The Skip can reach a worker before its batch began (the model still loading; a batch of a
+    spread job not started): it must skip that batch, not be forgotten when the batch starts."""
+    control = JobControl()
+    control.skip()
+    result = studio.engine.txt2img(Txt2ImgRequest(prompt="x", seed=1, n_iter=3, **SMALL), control=control)
+    assert [img.seed for img in result.images] == [2, 3]
+
+
 def test_per_job_checkpoint_is_restored_afterwards_like_a1111(studio) -> None:
     studio.models.load("tiny-sd1")
     other = studio.engine.txt2img(

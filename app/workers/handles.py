@@ -238,6 +238,9 @@ class InProcessWorkerHandle(WorkerHandle):
         engine.models.unload_all()
 
     def _loop(self) -> None:
+        from app.workers.runtime import select_cuda_device
+
+        select_cuda_device(self.device)
         while True:
             message = self._inbox.get()
             if message is None:

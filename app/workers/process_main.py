@@ -33,7 +33,7 @@ the kernel's OOM killer would. Unset in normal use."""
 
 def worker_main(conn: Any, settings_json: str, worker_id: str, device: str) -> None:
     from app.settings import StudioSettings
-    from app.workers.runtime import WorkerRuntime
+    from app.workers.runtime import WorkerRuntime, select_cuda_device
 
     logging.basicConfig(
         level=logging.INFO, format=f"[worker {worker_id}] %(levelname)s %(name)s: %(message)s"
@@ -44,6 +44,7 @@ def worker_main(conn: Any, settings_json: str, worker_id: str, device: str) -> N
         import torch
 
         torch.set_num_threads(settings.worker_torch_threads)
+    select_cuda_device(device)
     runtime = WorkerRuntime.create(settings, worker_id=worker_id, device=device)
     send_lock = threading.Lock()
 

@@ -113,6 +113,21 @@ class _ProgressReporter:
         self.send(JobEventMessage(job_id=self.message.job_id, progress=progress))
 
 
+def select_cuda_device(device: str) -> None:
+    """Make ``device`` (``"cuda:N"``) this thread's current CUDA device.
+
+    Everything that asks for plain ``"cuda"`` (the talking head, face restorers, upscalers, the
+    annotators, VRAM and peak-memory reporting) then lands on this worker's GPU instead of GPU 0.
+    The current device is per thread, so in-process workers call this on their own thread.
+    """
+    if not device.startswith("cuda:"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(torch.device(device))
+
+
 def _cuda_in_use() -> Any:
     """``torch.cuda`` when this worker computes on a GPU (torch already imported), else None."""
     torch: Any = sys.modules.get("torch")

@@ -12,7 +12,7 @@ import math
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -244,7 +244,7 @@ class ImageEngine:
 
         name = preset or self.config.memory_preset
         if name == "auto":
-            name = preset_for_vram(_total_vram(), family)
+            name = preset_for_vram(_total_vram(str(self.config.memory_overrides.get("device") or "")), family)
         options = MEMORY_PRESETS[name]
         if self.config.memory_overrides:
             options = type(options).model_validate({**options.model_dump(), **self.config.memory_overrides})
@@ -621,12 +621,18 @@ class ImageEngine:
 
     def _batches(self, job: _Job) -> Iterator[tuple[int, list[int], list[int]]]:
         request = job.request
+        first = True
         for batch_index in range(request.n_iter):
             if job.control.interrupted:
                 return
             if batch_index in job.finished_batches:
                 continue
-            job.control.clear_skip()
+            # A Skip that arrived before the first batch began (the model still loading, or a batch
+            # of a job spread over workers not started yet) skips that batch; later ones only
+            # forget the Skip the previous batch consumed.
+            if not first:
+                job.control.clear_skip()
+            first = False
             size = request.batch_size
             seeds = [request.seed + batch_index * size + i for i in range(size)]
             subseeds = [request.subseed + batch_index * size + i for i in range(size)]
@@ -1190,9 +1196,18 @@ def build_request_infotext(
     )
 
 
-def _total_vram() -> int | None:
+def _total_vram(device: str | None = None) -> int | None:
+    """The memory this process may use on its GPU (``device``, else the current CUDA device): the
+    card's total times the per-process fraction a shared GPU sets (``--gpu-share``)."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    return int(torch.cuda.get_device_properties(0).total_memory)
+    index = torch.cuda.current_device()
+    if device and device.startswith("cuda:"):
+        index = torch.device(device).index
+    total = torch.cuda.get_device_properties(index).total_memory
+    fraction = 1.0
+    with suppress(AttributeError, RuntimeError):
+        fraction = float(torch.cuda.get_per_process_memory_fraction(index))
+    return int(total * fraction)

@@ -122,3 +122,37 @@ def test_nothing_accumulates_while_streaming() -> None:
     assert previous_alive and not any(previous_alive)
     # 10x the frames, about the same peak of Python-side memory (coefficient windows, batches).
     assert long_peak < short_peak * 1.5 + 256 * 1024
+
+
+class MemoryCappedGenerator(CheapGenerator):
+    """Runs out of memory (as CUDA would) on batches larger than ``fits``."""
+
+    def __init__(self, fits: int) -> None:
+        super().__init__()
+        self.fits = fits
+        self.batches: list[int] = []
+
+    def render(self, source_volume: torch.Tensor, driving_kp: torch.Tensor, source_kp: torch.Tensor):
+        self.batches.append(driving_kp.shape[0])
+        if driving_kp.shape[0] > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        return super().render(source_volume, driving_kp, source_kp)
+
+
+def test_a_batch_that_runs_out_of_gpu_memory_is_rendered_in_halves() -> None:
+    from sadtalker.errors import SadTalkerError
+
+    expected = CollectingSink()
+    make_renderer(10).render(expected, batch_size=2)
+    renderer = make_renderer(10)
+    capped = MemoryCappedGenerator(fits=2)
+    renderer._generator = capped
+    sink = CollectingSink()
+    assert renderer.render(sink, batch_size=8) == 10
+    assert capped.batches[:3] == [8, 4, 2], "halved until a batch fits"
+    assert [first for first, _ in sink.batches] == [0, 2, 4, 6, 8]
+    np.testing.assert_array_equal(sink.frames(), expected.frames())
+
+    renderer._generator = MemoryCappedGenerator(fits=0)
+    with pytest.raises(SadTalkerError, match="out of memory rendering a single frame"):
+        renderer.render(CollectingSink(), batch_size=4)
