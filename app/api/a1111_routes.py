@@ -535,6 +535,13 @@ def cuda_usage() -> dict[str, Any]:
 
     if not torch.cuda.is_available():
         return {"error": "CUDA is not available on this machine"}
+    if not torch.cuda.is_initialized():
+        # Asking would create a CUDA context (hundreds of MB on GPU 0) in a process that runs no
+        # jobs: with worker processes each GPU's memory belongs to its worker.
+        return {
+            "error": "this process has not used the GPU: jobs run in worker processes "
+            "(the Queue / Cluster tab shows each worker's GPU memory)"
+        }
     free, total = torch.cuda.mem_get_info()
     stats = torch.cuda.memory_stats()
     return {

@@ -213,3 +213,20 @@ def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_memory_report_never_creates_a_cuda_context_in_the_head(monkeypatch) -> None:
+    """GET /sdapi/v1/memory in a head whose jobs run in worker processes: asking CUDA would create
+    a context (hundreds of MB on GPU 0) in a process that runs no jobs."""
+    import torch
+
+    from app.api.a1111_routes import cuda_usage
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+
+    def must_not_be_called() -> None:
+        raise AssertionError("mem_get_info creates a CUDA context")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", must_not_be_called)
+    assert "worker processes" in cuda_usage()["error"]
