@@ -161,11 +161,13 @@ def test_two_workers_run_two_users_jobs_at_the_same_time(workers: StudioServices
         while not handle.idle and time.monotonic() < deadline:
             time.sleep(0.05)
     assert workers.workers.set_default_model("tiny-sd1", load=True) == []
-    # 150 steps in batches of 8 run far longer than dispatching the second job takes anywhere
-    long_job = {**JOB, "steps": 150, "batch_size": 8}
-    first = queue.submit(Txt2ImgRequest(prompt="alice's", **long_job), owner="alice")
+    # The first job is 8x the second: the cost model would have to judge the idle worker over 10x
+    # slower to queue the second behind it, and it outlasts the second's start on any machine.
+    first = queue.submit(
+        Txt2ImgRequest(prompt="alice's", **{**JOB, "steps": 150, "batch_size": 8}), owner="alice"
+    )
     _wait_running(workers, first)
-    second = queue.submit(Txt2ImgRequest(prompt="bob's", **long_job), owner="bob")
+    second = queue.submit(Txt2ImgRequest(prompt="bob's", **{**JOB, "steps": 150}), owner="bob")
     _wait_running(workers, second)
     a, b = queue.status(first), queue.status(second)
     assert a.state == b.state == "running", (a, b)
