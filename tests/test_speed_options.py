@@ -40,6 +40,18 @@ def engine_for(studio: Any, tmp_path: Path, **config: Any) -> ImageEngine:
     )
 
 
+def render(pipe: Any, steps: int = 2) -> np.ndarray:
+    """One seeded 64 px image straight from a diffusers pipeline."""
+    return pipe(
+        "a cat",
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        height=64,
+        width=64,
+    ).images[0]
+
+
 class CallCounter:
     """Counts forward calls of a module's first sub-layer (the block itself may be skipped)."""
 
@@ -283,17 +295,7 @@ def test_fp8_unet_stores_float8_and_stays_close(tmp_path: Path) -> None:
     # applying again (a derived pipeline, the OOM retry) does not stack a second cast
     apply_memory_options(pipe, MemoryOptions(device="cpu", dtype="fp32", fp8_unet=True), torch.device("cpu"))
 
-    def run(p: Any) -> np.ndarray:
-        return p(
-            "a cat",
-            num_inference_steps=2,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-            height=64,
-            width=64,
-        ).images[0]
-
-    ours, theirs = run(pipe), run(reference)
+    ours, theirs = render(pipe), render(reference)
     assert not np.array_equal(ours, theirs)
     assert np.abs(ours - theirs).mean() < 0.1
 
@@ -355,17 +357,7 @@ def test_the_oom_fallback_chain_switches_offloading_on_the_loaded_pipeline() -> 
     cpu = torch.device("cpu")
     pipe = tiny_pipeline("sd1", seed=0)
 
-    def run() -> np.ndarray:
-        return pipe(
-            "a cat",
-            num_inference_steps=2,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-            height=64,
-            width=64,
-        ).images[0]
-
-    plain = run()
+    plain = render(pipe)
     chain = [MEMORY_PRESETS[name].offload for name in ("medvram", "lowvram", "lowvram-sequential")]
     assert chain == ["model", "group", "sequential"]
     for offload in [*chain, "group", "model", "none"]:
@@ -375,7 +367,7 @@ def test_the_oom_fallback_chain_switches_offloading_on_the_loaded_pipeline() -> 
         hooked = any(hasattr(m, "_hf_hook") for m in pipe.components.values())
         assert grouped == (offload == "group") and hooked == (offload in ("model", "sequential")), offload
         if offload != "sequential":
-            assert np.array_equal(run(), plain), offload
+            assert np.array_equal(render(pipe), plain), offload
 
 
 def test_speed_options_compose_with_lowvram_group_offload_and_fp8() -> None:
@@ -406,14 +398,7 @@ def test_speed_options_compose_with_lowvram_group_offload_and_fp8() -> None:
         deep = CallCounter(p.unet.down_blocks[1])
         speed = JobSpeedups(SpeedOptions(cache_interval=3, token_merging_ratio=0.5))
         with speed.attached(p.unet):
-            image = p(
-                "a cat",
-                num_inference_steps=6,
-                generator=torch.Generator().manual_seed(0),
-                output_type="np",
-                height=64,
-                width=64,
-            ).images[0]
+            image = render(p, steps=6)
         deep.handle.remove()
         return image, speed.stats, deep.calls
 
